@@ -1,0 +1,134 @@
+"""Finding checkpoints under a root: committed or incomplete, and the latest committed one.
+
+"Latest" is derived from committed manifests only, never from a pointer file. One recursive
+listing of the root finds every checkpoint directory; manifests are then read in parallel, so
+listing a root with a thousand checkpoints on S3 costs a few list requests plus one small GET per
+committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from ckptkit.commit import ATTEMPT_RE, is_ckptkit_debris_dir
+from ckptkit.errors import ManifestError, NotCommittedError, NotFoundError
+from ckptkit.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from ckptkit.storage.base import ObjectInfo, Store
+
+# "invalid": a manifest is present but does not parse or validate; never treated as committed.
+Status = Literal["committed", "incomplete", "invalid"]
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint directory under a root, as a listing sees it."""
+
+    root_url: str
+    name: str
+    status: Status
+    step: int | None
+    files: int
+    size: int
+    created: str | None
+    manifest: Manifest | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.root_url.rstrip('/')}/{self.name}"
+
+    @property
+    def committed(self) -> bool:
+        return self.status == "committed"
+
+
+def step_from_name(name: str) -> int | None:
+    """The step a directory name carries: ``step-00000100``, ``checkpoint-2500``, ``global_step7``."""
+    match = _TRAILING_NUMBER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _looks_like_checkpoint(name: str, objects: list[ObjectInfo]) -> bool:
+    """An uncommitted directory is listed only if it looks like a checkpoint: a step-numbered
+    name or ckptkit's own attempt data; other directories under a root are not our business."""
+    return step_from_name(name) is not None or any(
+        ATTEMPT_RE.match(o.key.split("/")[1]) for o in objects if o.key.count("/") >= 2
+    )
+
+
+def read_manifest(checkpoint: Store) -> Manifest:
+    """The committed manifest of the checkpoint rooted at ``checkpoint``."""
+    try:
+        data = checkpoint.get(MANIFEST_NAME)
+    except NotFoundError as exc:
+        raise NotCommittedError(
+            f"{checkpoint.url}: no {MANIFEST_NAME}; not a committed checkpoint "
+            "(incomplete, or written by another tool: run 'ckptkit index' on it)"
+        ) from exc
+    return parse_manifest(data)
+
+
+def _iso(mtime: float | None) -> str | None:
+    if mtime is None:
+        return None
+    return dt.datetime.fromtimestamp(mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def list_checkpoints(root: Store, *, jobs: int = 16) -> list[CheckpointInfo]:
+    """Every checkpoint directory under ``root``, oldest first (by step, then creation time)."""
+    groups: dict[str, list[ObjectInfo]] = defaultdict(list)
+    for info in root.list(""):
+        top, sep, _rest = info.key.partition("/")
+        if sep and not is_ckptkit_debris_dir(top) and not top.startswith("."):
+            groups[top].append(info)
+
+    committed = [
+        name for name, objs in groups.items() if any(o.key == f"{name}/{MANIFEST_NAME}" for o in objs)
+    ]
+
+    def load(name: str) -> Manifest | ManifestError | None:
+        try:
+            return read_manifest(root.child(name))
+        except ManifestError as exc:
+            return exc
+        except (NotCommittedError, NotFoundError):
+            return None  # deleted between listing and reading: no longer committed
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        manifests = dict(zip(committed, pool.map(load, committed), strict=False))
+
+    result = []
+    for name, objects in groups.items():
+        manifest = manifests.get(name)
+        if manifest is None and not _looks_like_checkpoint(name, objects):
+            continue
+        newest = max((o.mtime or 0.0) for o in objects) or None
+        if isinstance(manifest, Manifest):
+            result.append(
+                CheckpointInfo(
+                    root.url, name, "committed",
+                    manifest.step if manifest.step is not None else step_from_name(name),
+                    len(manifest.files), manifest.total_size, manifest.created, manifest,
+                )
+            )
+        else:
+            status: Status = "invalid" if isinstance(manifest, ManifestError) else "incomplete"
+            result.append(
+                CheckpointInfo(
+                    root.url, name, status, step_from_name(name),
+                    len(objects), sum(o.size for o in objects), _iso(newest),
+                )
+            )
+    result.sort(key=lambda c: (c.step if c.step is not None else -1, c.created or "", c.name))
+    return result
+
+
+def latest_checkpoint(root: Store) -> CheckpointInfo | None:
+    """The committed checkpoint with the highest step (ties: the most recently created)."""
+    committed = [c for c in list_checkpoints(root) if c.committed]
+    return committed[-1] if committed else None

@@ -1,0 +1,1 @@
+"""The ``ckptkit`` command line: parse, call a library function, render. Torch-free."""

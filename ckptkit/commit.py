@@ -1,0 +1,154 @@
+"""Staging and commit: a checkpoint exists once its manifest is committed, and not before.
+
+Two protocols, chosen by the store's declared capabilities:
+
+* ``atomic_rename`` (local disk): files are written into a hidden staging sibling
+  ``.<name>.ckptkit-staging-<id>``, each fsynced; the manifest is written into it last; the
+  directory is fsynced and renamed into place, and the parent fsynced. The rename fails if the
+  name already exists, so two writers cannot both commit.
+* otherwise (object stores): files are written below ``<name>/ckptkit-<id>/`` — a prefix of
+  this attempt's own, so a concurrent or crashed writer of the same step never overwrites data
+  that another writer's manifest lists — and the manifest is written last to
+  ``<name>/ckptkit-manifest.json`` with create-only semantics (S3 ``If-None-Match: *``).
+
+Everything without a committed manifest is incomplete: listed as such, never returned as a
+checkpoint, and removed by ``gc`` once older than a grace period.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from ckptkit.errors import AlreadyExistsError, CommitConflictError
+from ckptkit.hashing import StreamingDigest
+from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
+from ckptkit.storage.base import Store, join_key
+
+STAGING_MARKER = ".ckptkit-staging-"
+TRASH_MARKER = ".ckptkit-trash-"
+ATTEMPT_RE = re.compile(r"^ckptkit-[0-9a-f]{12}$")
+
+
+def step_dir_name(step: int) -> str:
+    """``step-00000100``: zero-padded so that names sort in step order."""
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    return f"step-{step:08d}"
+
+
+def is_ckptkit_debris_dir(name: str) -> bool:
+    """A root-level directory that only ckptkit's own staging or deletion creates."""
+    return name.startswith(".") and (STAGING_MARKER in name or TRASH_MARKER in name)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class CheckpointTransaction:
+    """Write the files of one checkpoint, then commit them atomically with a manifest.
+
+    Use as a context manager: leaving the block with an exception aborts (removes what this
+    transaction wrote, best effort; ``gc`` removes anything a crash leaves).
+    """
+
+    def __init__(self, root: Store, name: str) -> None:
+        self.root = root
+        self.name = validate_path(name)
+        self._lock = threading.Lock()
+        self._entries: dict[str, FileEntry] = {}
+        self._done = False
+        if root.exists(join_key(name, MANIFEST_NAME)):
+            raise CommitConflictError(f"{root.url}/{name} is already committed")
+        attempt = _new_id()
+        if root.capabilities.atomic_rename:
+            self._staging_key = f".{name.replace('/', '_')}{STAGING_MARKER}{attempt}"
+            self.data_prefix = ""
+        else:
+            self._staging_key = name
+            self.data_prefix = f"ckptkit-{attempt}"
+        self.files: Store = root.child(join_key(self._staging_key, self.data_prefix))
+
+    def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
+        """Stream one file into the checkpoint, hashing it on the way. Thread-safe."""
+        validate_path(path)
+        hasher = StreamingDigest()
+        source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        self.files.put(path, hasher.tee(source))
+        entry = FileEntry.from_digest(join_key(self.data_prefix, path), hasher.result())
+        with self._lock:
+            if entry.path in self._entries:
+                raise AlreadyExistsError(f"{path} was written twice in one checkpoint")
+            self._entries[entry.path] = entry
+        return entry
+
+    def add_entries(self, entries: Iterable[FileEntry]) -> None:
+        """Record files that other processes (ranks) wrote into ``files`` and hashed."""
+        with self._lock:
+            for entry in entries:
+                self._entries[entry.path] = entry
+
+    def commit(
+        self,
+        *,
+        step: int | None,
+        layout: str,
+        metadata: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        topology: dict[str, Any] | None = None,
+    ) -> Manifest:
+        manifest = Manifest.create(
+            step=step,
+            layout=layout,
+            files=list(self._entries.values()),
+            topology=topology,
+            metadata=metadata,
+            metrics=metrics,
+        )
+        try:
+            if self.root.capabilities.atomic_rename:
+                staging = self.root.child(self._staging_key)
+                staging.put(MANIFEST_NAME, manifest.to_bytes(), mode="create")
+                self.root.sync_prefix(self._staging_key)
+                self.root.rename_prefix(self._staging_key, self.name)
+            else:
+                publish_manifest(self.root.child(self.name), manifest)
+        except AlreadyExistsError as exc:
+            raise CommitConflictError(
+                f"{self.root.url}/{self.name}: another writer committed this checkpoint first"
+            ) from exc
+        self._done = True
+        return manifest
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.root.delete_prefix(join_key(self._staging_key, self.data_prefix))
+
+    def __enter__(self) -> CheckpointTransaction:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def publish_manifest(checkpoint: Store, manifest: Manifest, *, overwrite: bool = False) -> None:
+    """Commit ``manifest`` in place: create-only unless ``overwrite`` (``index --force``)."""
+    checkpoint.put(MANIFEST_NAME, manifest.to_bytes(), mode="overwrite" if overwrite else "create")
+
+
+def delete_checkpoint(root: Store, name: str) -> None:
+    """Remove a checkpoint so that no crash midway leaves it looking committed."""
+    if root.capabilities.atomic_rename:
+        trash = f".{name.replace('/', '_')}{TRASH_MARKER}{_new_id()}"
+        root.rename_prefix(name, trash)  # atomic: gone from listings in one step
+        root.delete_prefix(trash)
+    else:
+        root.delete(join_key(name, MANIFEST_NAME))  # uncommit first, then the data
+        root.delete_prefix(name)

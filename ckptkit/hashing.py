@@ -1,0 +1,112 @@
+"""Streaming, chunked content digests.
+
+A file's digest is made of SHA-256 digests of its fixed-size chunks (64 MiB) plus a root digest
+over them, written ``sha256-tree:<hex>``. Chunking lets ``verify`` hash one file on every core
+and name the byte range that is wrong, and the digest is computed while the bytes stream out
+on save, never by reading the file back. SHA-256 rather than CRC-32: it runs at 1.5 GB/s per
+core here (faster than the disk, measured in docs/performance.md) and also catches deliberate
+tampering, which a CRC does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ckptkit.storage.base import Store
+
+CHUNK_SIZE = 64 << 20
+ALGORITHM = "sha256-tree"
+_READ_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """The digest of one file: its root value and the per-chunk SHA-256 hex digests."""
+
+    size: int
+    digest: str
+    chunks: tuple[str, ...]
+    chunk_size: int = CHUNK_SIZE
+
+
+def root_digest(chunk_hexes: Iterable[str]) -> str:
+    """``sha256-tree:`` + SHA-256 over the concatenated raw chunk digests."""
+    root = hashlib.sha256()
+    for hex_digest in chunk_hexes:
+        root.update(bytes.fromhex(hex_digest))
+    return f"{ALGORITHM}:{root.hexdigest()}"
+
+
+class StreamingDigest:
+    """Feed bytes in any pieces; get the chunked digest without a second pass."""
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
+        self.chunk_size = chunk_size
+        self.size = 0
+        self._chunks: list[str] = []
+        self._current = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            take = min(len(view), self.chunk_size - self._filled)
+            self._current.update(view[:take])
+            self._filled += take
+            self.size += take
+            view = view[take:]
+            if self._filled == self.chunk_size:
+                self._chunks.append(self._current.hexdigest())
+                self._current = hashlib.sha256()
+                self._filled = 0
+
+    def tee(self, chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[memoryview]:
+        """Pass ``chunks`` through unchanged while hashing them."""
+        for chunk in chunks:
+            view = memoryview(chunk)
+            self.update(view)
+            yield view
+
+    def result(self) -> FileDigest:
+        chunks = list(self._chunks)
+        if self._filled or not chunks:  # the tail chunk, or the one chunk of an empty file
+            chunks.append(self._current.hexdigest())
+        return FileDigest(self.size, root_digest(chunks), tuple(chunks), self.chunk_size)
+
+
+def digest_bytes(data: bytes) -> FileDigest:
+    hasher = StreamingDigest()
+    hasher.update(data)
+    return hasher.result()
+
+
+def chunk_ranges(size: int, chunk_size: int = CHUNK_SIZE) -> list[tuple[int, int]]:
+    """The ``[start, end)`` byte ranges of each chunk of a file of ``size`` bytes."""
+    if size == 0:
+        return [(0, 0)]
+    return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+
+
+def hash_range(store: Store, key: str, start: int, end: int) -> str:
+    """SHA-256 hex of bytes ``[start, end)`` of ``key``, streamed in bounded blocks."""
+    hasher = hashlib.sha256()
+    with store.open_read(key) as f:
+        f.seek(start)
+        remaining = end - start
+        while remaining > 0:
+            block = f.read(min(_READ_BLOCK, remaining))
+            if not block:
+                break  # short file: the digest will not match, which is the finding
+            hasher.update(block)
+            remaining -= len(block)
+    return hasher.hexdigest()
+
+
+def digest_object(store: Store, key: str, size: int, pool: ThreadPoolExecutor) -> FileDigest:
+    """Digest an existing object, its chunks hashed in parallel on ``pool``."""
+    ranges = chunk_ranges(size)
+    hexes = list(pool.map(lambda r: hash_range(store, key, *r), ranges))
+    return FileDigest(size, root_digest(hexes), tuple(hexes))

@@ -1,0 +1,254 @@
+"""Manifest v1: the one JSON file that makes a checkpoint exist.
+
+The manifest lists every file of a checkpoint with its size and content digest, and is written
+last. It is validated both when written and when read: paths must stay inside the checkpoint,
+and a manifest from a newer schema is refused rather than guessed at. The JSON Schema shipped in
+``ckptkit/schema/manifest-v1.schema.json`` describes the same rules for other tools;
+``docs/manifest.md`` is the human description.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import re
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from ckptkit.errors import ManifestError, UnsafePathError, UnsupportedSchemaError
+from ckptkit.hashing import ALGORITHM, CHUNK_SIZE, FileDigest
+
+MANIFEST_NAME = "ckptkit-manifest.json"
+FORMAT_NAME = "ckptkit.manifest"
+SCHEMA_VERSION = 1
+LAYOUTS = ("native", "deepspeed", "hf-trainer", "dcp", "files")
+
+_DIGEST_RE = re.compile(r"^sha256-tree:[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_MAX_PATH = 4096
+
+
+def validate_path(path: object) -> str:
+    """Return ``path`` if it is a safe, normalised, relative ``/``-separated path."""
+    if not isinstance(path, str) or not path:
+        raise UnsafePathError(str(path), "must be a non-empty string")
+    if len(path) > _MAX_PATH:
+        raise UnsafePathError(path[:80] + "...", "longer than 4096 characters")
+    if "\x00" in path:
+        raise UnsafePathError(path, "contains NUL")
+    if any(ord(c) < 0x20 for c in path):
+        raise UnsafePathError(path, "contains a control character")
+    if "\\" in path:
+        raise UnsafePathError(path, "contains a backslash")
+    if path.startswith("/"):
+        raise UnsafePathError(path, "is absolute")
+    if _DRIVE_RE.match(path):
+        raise UnsafePathError(path, "starts with a drive letter")
+    parts = path.split("/")
+    if ".." in parts:
+        raise UnsafePathError(path, "contains '..'")
+    if any(part in ("", ".") for part in parts):
+        raise UnsafePathError(path, "is not normalised (empty or '.' component)")
+    return path
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint, relative to the checkpoint root."""
+
+    path: str
+    size: int
+    digest: str
+    chunks: tuple[str, ...]
+
+    @classmethod
+    def from_digest(cls, path: str, digest: FileDigest) -> FileEntry:
+        return cls(validate_path(path), digest.size, digest.digest, digest.chunks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "digest": self.digest, "chunks": list(self.chunks)}
+
+
+def producer_versions() -> dict[str, str | None]:
+    """Versions of the software that wrote a checkpoint, read without importing it."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("ckptkit", "torch", "deepspeed", "transformers"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. Build with :meth:`create`, read with :func:`parse_manifest`."""
+
+    checkpoint_id: str
+    step: int | None
+    created: str
+    layout: str
+    files: tuple[FileEntry, ...]
+    producer: dict[str, str | None] = field(default_factory=dict)
+    topology: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    chunk_size: int = CHUNK_SIZE
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        step: int | None,
+        layout: str,
+        files: list[FileEntry],
+        topology: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> Manifest:
+        manifest = cls(
+            checkpoint_id=uuid.uuid4().hex,
+            step=step,
+            created=utc_now(),
+            layout=layout,
+            files=tuple(sorted(files, key=lambda f: f.path)),
+            producer=producer_versions(),
+            topology=topology,
+            metadata=dict(metadata or {}),
+            metrics=dict(metrics or {}),
+        )
+        # Validate on write exactly as on read, so a manifest we commit is one we can read.
+        return parse_manifest(manifest.to_bytes())
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise KeyError(path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "checkpoint_id": self.checkpoint_id,
+            "step": self.step,
+            "created": self.created,
+            "layout": self.layout,
+            "producer": self.producer,
+            "digest": {"algorithm": ALGORITHM, "chunk_size": self.chunk_size},
+            "files": [f.to_json() for f in self.files],
+            "topology": self.topology,
+            "metadata": self.metadata,
+            "metrics": self.metrics,
+        }
+
+    def to_bytes(self) -> bytes:
+        try:
+            text = json.dumps(self.to_json(), indent=1, allow_nan=False, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest metadata is not JSON-serialisable: {exc}") from exc
+        return text.encode() + b"\n"
+
+
+def _require(obj: dict[str, Any], name: str, kinds: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise ManifestError(f"manifest has no '{name}' field")
+    value = obj[name]
+    # bool is an int subclass; a boolean is never a valid size, step or version.
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ManifestError(f"manifest field '{name}' has type bool")
+    if not isinstance(value, kinds):
+        raise ManifestError(f"manifest field '{name}' has type {type(value).__name__}")
+    return value
+
+
+def _parse_file(raw: object, index: int, chunk_size: int) -> FileEntry:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest files[{index}] is not an object")
+    path = validate_path(raw.get("path"))
+    size = _require(raw, "size", int)
+    digest = _require(raw, "digest", str)
+    chunks = _require(raw, "chunks", list)
+    if size < 0:
+        raise ManifestError(f"{path}: negative size {size}")
+    if not _DIGEST_RE.match(digest):
+        raise ManifestError(f"{path}: digest {digest!r} is not 'sha256-tree:<64 hex>'")
+    if not all(isinstance(c, str) and _HEX_RE.match(c) for c in chunks):
+        raise ManifestError(f"{path}: chunk digests must be 64 lowercase hex characters")
+    expected_chunks = max(1, -(-size // chunk_size))
+    if len(chunks) != expected_chunks:
+        raise ManifestError(
+            f"{path}: {len(chunks)} chunk digests for {size} bytes (expected {expected_chunks})"
+        )
+    return FileEntry(path, size, digest, tuple(chunks))
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; raise :class:`ManifestError` naming the problem."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+        raise ManifestError("not a ckptkit manifest (no 'format': 'ckptkit.manifest')")
+    version = _require(obj, "schema_version", int)
+    if version > SCHEMA_VERSION:
+        raise UnsupportedSchemaError(
+            f"manifest schema version {version} is newer than this ckptkit supports "
+            f"({SCHEMA_VERSION}); upgrade ckptkit to read it"
+        )
+    if version < 1:
+        raise ManifestError(f"invalid manifest schema version {version}")
+    digest_info = _require(obj, "digest", dict)
+    if digest_info.get("algorithm") != ALGORITHM:
+        raise ManifestError(f"unknown digest algorithm {digest_info.get('algorithm')!r}")
+    chunk_size = digest_info.get("chunk_size")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ManifestError("manifest digest.chunk_size must be a positive integer")
+    step = obj.get("step")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise ManifestError(f"manifest step must be a non-negative integer or null, not {step!r}")
+    layout = _require(obj, "layout", str)
+    if layout not in LAYOUTS:
+        raise ManifestError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    raw_files = _require(obj, "files", list)
+    files = tuple(_parse_file(raw, i, chunk_size) for i, raw in enumerate(raw_files))
+    seen: set[str] = set()
+    for entry in files:
+        if entry.path in seen:
+            raise ManifestError(f"manifest lists {entry.path!r} twice")
+        if entry.path == MANIFEST_NAME:
+            raise ManifestError(f"manifest lists itself ({MANIFEST_NAME})")
+        seen.add(entry.path)
+    topology = obj.get("topology")
+    if topology is not None and not isinstance(topology, dict):
+        raise ManifestError("manifest topology must be an object or null")
+    metrics = obj.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()
+    ):
+        raise ManifestError("manifest metrics must map names to numbers")
+    return Manifest(
+        checkpoint_id=_require(obj, "checkpoint_id", str),
+        step=step,
+        created=_require(obj, "created", str),
+        layout=layout,
+        files=files,
+        producer=_require(obj, "producer", dict),
+        topology=topology,
+        metadata=_require(obj, "metadata", dict),
+        metrics={k: float(v) for k, v in metrics.items()},
+        chunk_size=chunk_size,
+    )

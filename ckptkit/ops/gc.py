@@ -1,0 +1,108 @@
+"""Remove what interrupted saves and deletions leave behind, and nothing else.
+
+Debris is only what ckptkit itself creates: hidden staging and trash directories at the root,
+temporary files of interrupted writes, and attempt prefixes (``ckptkit-<id>/``) that no committed
+manifest lists. A directory another tool wrote is never touched, committed or not. Nothing newer
+than the grace period is removed, so a save in progress in another process is safe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ckptkit.catalog import read_manifest
+from ckptkit.commit import ATTEMPT_RE, STAGING_MARKER, is_ckptkit_debris_dir
+from ckptkit.errors import ManifestError, NotCommittedError
+from ckptkit.manifest import MANIFEST_NAME
+from ckptkit.storage.base import ObjectInfo, Store
+from ckptkit.storage.local import TEMP_MARKER
+
+DEFAULT_GRACE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class Debris:
+    prefix: str  # a key prefix (directory) or a single key
+    reason: str
+    objects: int
+    size: int
+    age_seconds: float
+
+
+@dataclass
+class GcReport:
+    url: str
+    dry_run: bool
+    removed: list[Debris] = field(default_factory=list)
+    kept_young: list[Debris] = field(default_factory=list)
+
+    @property
+    def bytes_removed(self) -> int:
+        return sum(d.size for d in self.removed)
+
+
+def _debris(prefix: str, reason: str, objects: list[ObjectInfo], now: float) -> Debris:
+    newest = max((o.mtime or now) for o in objects)
+    return Debris(prefix, reason, len(objects), sum(o.size for o in objects), max(0.0, now - newest))
+
+
+def find_debris(root: Store, *, now: float | None = None) -> list[Debris]:
+    """Everything under ``root`` that ckptkit left behind and no committed checkpoint uses."""
+    now = time.time() if now is None else now
+    by_top: dict[str, list[ObjectInfo]] = defaultdict(list)
+    for info in root.list(""):
+        by_top[info.key.split("/", 1)[0]].append(info)
+
+    found: list[Debris] = []
+    for top, objects in sorted(by_top.items()):
+        if is_ckptkit_debris_dir(top):
+            staging = STAGING_MARKER in top
+            kind = "staging directory of an interrupted save" if staging else "checkpoint being deleted"
+            found.append(_debris(top, kind, objects, now))
+            continue
+        temps = [o for o in objects if o.key.rsplit("/", 1)[-1].startswith(TEMP_MARKER)]
+        found.extend(_debris(o.key, "temporary file of an interrupted write", [o], now) for o in temps)
+        found.extend(_orphan_attempts(root, top, objects, now))
+    return found
+
+
+def _orphan_attempts(root: Store, top: str, objects: list[ObjectInfo], now: float) -> list[Debris]:
+    attempts: dict[str, list[ObjectInfo]] = defaultdict(list)
+    for info in objects:
+        parts = info.key.split("/")
+        if len(parts) >= 3 and ATTEMPT_RE.match(parts[1]):
+            attempts[parts[1]].append(info)
+    if not attempts:
+        return []
+    listed: set[str] = set()
+    if any(o.key == f"{top}/{MANIFEST_NAME}" for o in objects):
+        try:
+            manifest = read_manifest(root.child(top))
+        except (ManifestError, NotCommittedError):
+            return []  # an unreadable manifest: leave everything for a human to look at
+        listed = {entry.path.split("/", 1)[0] for entry in manifest.files}
+    return [
+        _debris(f"{top}/{attempt}", "data of an uncommitted or superseded save attempt", objs, now)
+        for attempt, objs in sorted(attempts.items())
+        if attempt not in listed
+    ]
+
+
+def collect_garbage(
+    root: Store, *, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False
+) -> GcReport:
+    """Remove debris older than ``grace_seconds`` (or only report it, with ``dry_run``)."""
+    report = GcReport(root.url, dry_run)
+    for item in find_debris(root):
+        if item.age_seconds < grace_seconds:
+            report.kept_young.append(item)
+            continue
+        report.removed.append(item)
+        if not dry_run:
+            if item.objects == 1 and item.prefix.rsplit("/", 1)[-1].startswith(TEMP_MARKER):
+                root.delete(item.prefix)
+            else:
+                root.delete_prefix(item.prefix)
+    return report

@@ -1,0 +1,249 @@
+"""A store over any fsspec filesystem: ``s3://`` (s3fs), ``memory://``, and others installed.
+
+Backend exceptions (botocore, aiohttp, fsspec's builtin-error translations) are turned into
+ckptkit errors here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import threading
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from ckptkit.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    CkptkitError,
+    NotFoundError,
+    StorageError,
+)
+from ckptkit.storage.base import (
+    Chunks,
+    ObjectInfo,
+    Store,
+    StoreCapabilities,
+    WriteMode,
+    iter_chunks,
+    normalize_key,
+)
+
+# Protocols whose create-only write is atomic against other writers: S3's conditional PUT
+# (If-None-Match: *), and the in-process memory filesystem guarded by our lock.
+_CONDITIONAL_CREATE = {"s3", "s3a", "memory"}
+_MEMORY_CREATE_LOCK = threading.Lock()
+_STREAM_BLOCK = 16 << 20
+
+
+def _credentials_hint(exc: BaseException) -> str | None:
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return (
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or pass key=/secret= storage options"
+        )
+    return None
+
+
+class ProducerError(Exception):
+    """Wraps an exception raised by the caller's data iterator, so it is not mistaken for a
+    backend failure and translated."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _guarded(chunks: Chunks) -> Iterator[memoryview]:
+    iterator = iter(iter_chunks(chunks))
+    while True:
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise ProducerError(exc) from exc
+        yield chunk
+
+
+@contextlib.contextmanager
+def translate_backend_errors(what: str) -> Iterator[None]:
+    """Turn backend exceptions into ckptkit errors that name ``what`` failed."""
+    try:
+        yield
+    except (CkptkitError, ProducerError):
+        raise
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"{what}: not found ({_reason(exc)})") from exc
+    except FileExistsError as exc:
+        raise AlreadyExistsError(f"{what}: already exists") from exc
+    except PermissionError as exc:
+        raise AccessDeniedError(f"{what}: access denied ({_reason(exc)})") from exc
+    except Exception as exc:  # botocore, aiohttp and friends have no common base class
+        hint = _credentials_hint(exc)
+        if hint:
+            raise AccessDeniedError(f"{what}: {hint}") from exc
+        raise StorageError(f"{what}: {type(exc).__name__}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for field in ("LastModified", "mtime", "created", "last_modified"):
+        value = info.get(field)
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+class FsspecStore(Store):
+    """Objects are files of an fsspec filesystem below ``root`` (a path without protocol)."""
+
+    def __init__(self, fs: Any, protocol: str, root: str) -> None:
+        self.fs = fs
+        self.protocol = protocol
+        self.root = root.rstrip("/")
+        self.capabilities = StoreCapabilities(
+            atomic_rename=False,
+            conditional_create=protocol in _CONDITIONAL_CREATE,
+            durable_writes=protocol != "memory",
+        )
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.root}"
+
+    def child(self, prefix: str) -> FsspecStore:
+        return FsspecStore(self.fs, self.protocol, self._path(prefix))
+
+    def _path(self, key: str) -> str:
+        if not key:
+            return self.root
+        return f"{self.root}/{normalize_key(key)}" if self.root else normalize_key(key)
+
+    def _key(self, path: str) -> str:
+        return path[len(self.root) :].lstrip("/")
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        path = self._path(key)
+        with translate_backend_errors(self._describe(key)):
+            if end is not None and start is not None and end <= start:
+                return b""
+            return self.fs.cat_file(path, start=start, end=end)
+
+    def open_read(self, key: str) -> BinaryIO:
+        with translate_backend_errors(self._describe(key)):
+            if self.protocol == "memory":
+                # memory:// hands out its one stored file object; readers need their own cursor.
+                return io.BytesIO(self.fs.cat_file(self._path(key)))
+            return self.fs.open(self._path(key), "rb", block_size=_STREAM_BLOCK)
+
+    def head(self, key: str) -> ObjectInfo:
+        with translate_backend_errors(self._describe(key)):
+            info = self.fs.info(self._path(key))
+        if info.get("type") == "directory":
+            raise NotFoundError(f"{self._describe(key)}: is a prefix, not an object")
+        return ObjectInfo(key, int(info["size"]), _mtime(info))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        path = self._path(prefix)
+        with translate_backend_errors(self._describe(prefix)):
+            self.fs.invalidate_cache()
+            try:
+                found = self.fs.find(path, detail=True, withdirs=False)
+            except FileNotFoundError:
+                return
+        for name, info in sorted(found.items()):
+            if info.get("type") == "directory":
+                continue
+            yield ObjectInfo(self._key(name), int(info["size"]), _mtime(info))
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        path = self._path(prefix)
+        with translate_backend_errors(self._describe(prefix)):
+            self.fs.invalidate_cache()
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return []
+        names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        return sorted(names)
+
+    # --- writes --------------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes | Chunks, mode: WriteMode = "overwrite") -> ObjectInfo:
+        path = self._path(key)
+        try:
+            with translate_backend_errors(self._describe(key)):
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    size = self._put_bytes(path, bytes(data), mode)
+                else:
+                    size = self._put_stream(path, data, mode)
+                self.fs.invalidate_cache(path)
+        except ProducerError as exc:
+            raise exc.original from None  # the caller's own failure, not the backend's
+        return ObjectInfo(key, size)
+
+    def _put_bytes(self, path: str, data: bytes, mode: WriteMode) -> int:
+        if mode == "create" and not self.capabilities.conditional_create:
+            if self.fs.exists(path):
+                raise FileExistsError(path)
+            mode = "overwrite"
+        if self.protocol == "memory" and mode == "create":
+            with _MEMORY_CREATE_LOCK:
+                self.fs.pipe_file(path, data, mode="create")
+        else:
+            self.fs.pipe_file(path, data, mode=mode)
+        return len(data)
+
+    def _put_stream(self, path: str, data: Chunks, mode: WriteMode) -> int:
+        if mode == "create" or self.protocol == "memory":
+            # Create-only is used for small commit objects, and the memory filesystem publishes
+            # a file when it is opened: buffer, then publish in one atomic call.
+            return self._put_bytes(path, b"".join(bytes(c) for c in _guarded(data)), mode)
+        size = 0
+        # autocommit=False: the object is published by commit(), after the last byte, and
+        # discard() aborts the multipart upload, so a failure midway publishes nothing.
+        f = self.fs.open(path, "wb", block_size=_STREAM_BLOCK, autocommit=False)
+        try:
+            for chunk in _guarded(data):
+                f.write(chunk)
+                size += len(chunk)
+            f.close()
+            f.commit()
+        except BaseException:
+            f.discard()
+            raise
+        return size
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with translate_backend_errors(self._describe(key)):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+            self.fs.invalidate_cache(path)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [self._path(info.key) for info in self.list(prefix)]
+        if not keys:
+            return
+        with translate_backend_errors(self._describe(prefix)):
+            self.fs.rm(keys)  # batched DeleteObjects on S3
+            self.fs.invalidate_cache()
+
+    def copy(self, src: str, dst: str) -> None:
+        with translate_backend_errors(self._describe(src)):
+            self.fs.copy(self._path(src), self._path(dst))
+            self.fs.invalidate_cache(self._path(dst))
+
+    def _describe(self, key: str) -> str:
+        return f"{self.protocol}://{self._path(key)}"
