@@ -161,6 +161,7 @@ class FsspecStore(Store):
             try:
                 found = self.fs.find(path, detail=True, withdirs=False)
             except FileNotFoundError:
+                self._check_bucket()
                 return
         for name, info in sorted(found.items()):
             if info.get("type") == "directory":
@@ -174,6 +175,7 @@ class FsspecStore(Store):
             try:
                 entries = self.fs.ls(path, detail=True)
             except FileNotFoundError:
+                self._check_bucket()
                 return []
         names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
         return sorted(names)
@@ -244,6 +246,12 @@ class FsspecStore(Store):
         with translate_backend_errors(self._describe(src)):
             self.fs.copy(self._path(src), self._path(dst))
             self.fs.invalidate_cache(self._path(dst))
+
+    def _check_bucket(self) -> None:
+        """A missing prefix lists as empty; a missing bucket is an error worth saying."""
+        bucket = self.root.lstrip("/").split("/", 1)[0]
+        if self.protocol in ("s3", "s3a") and bucket and not self.fs.exists(bucket):
+            raise NotFoundError(f"{self.protocol}://{bucket}: bucket does not exist")
 
     def _describe(self, key: str) -> str:
         return f"{self.protocol}://{self._path(key)}"
