@@ -22,7 +22,10 @@ from ckptkit.storage.base import ObjectInfo, Store
 
 # "invalid": a manifest is present but does not parse or validate; never treated as committed.
 Status = Literal["committed", "incomplete", "invalid"]
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
+# step-00000100 (ckptkit), checkpoint-2500 (HF), global_step7 (DeepSpeed), and kin.
+_STEP_NAME = re.compile(
+    r"(?:step|checkpoint|global_step|ckpt|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class CheckpointInfo:
 
 def step_from_name(name: str) -> int | None:
     """The step a directory name carries: ``step-00000100``, ``checkpoint-2500``, ``global_step7``."""
-    match = _TRAILING_NUMBER.search(name)
+    match = _STEP_NAME.fullmatch(name)
     return int(match.group(1)) if match else None
 
 

@@ -88,6 +88,8 @@ class NotCommittedError(CkptkitError, FileNotFoundError):
 class CommitConflictError(AlreadyExistsError):
     """Another writer committed this checkpoint first; this writer's commit did not happen."""
 
+    exit_code = EXIT_USAGE  # a refusal to overwrite, not a failing backend
+
 
 class ChecksumMismatchError(CkptkitError):
     """File content does not match the digest recorded in the manifest."""

@@ -26,8 +26,8 @@ FORMAT_NAME = "ckptkit.manifest"
 SCHEMA_VERSION = 1
 LAYOUTS = ("native", "deepspeed", "hf-trainer", "dcp", "files")
 
-_DIGEST_RE = re.compile(r"^sha256-tree:[0-9a-f]{64}$")
-_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"sha256-tree:[0-9a-f]{64}")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _MAX_PATH = 4096
 
@@ -183,9 +183,9 @@ def _parse_file(raw: object, index: int, chunk_size: int) -> FileEntry:
     chunks = _require(raw, "chunks", list)
     if size < 0:
         raise ManifestError(f"{path}: negative size {size}")
-    if not _DIGEST_RE.match(digest):
+    if not _DIGEST_RE.fullmatch(digest):
         raise ManifestError(f"{path}: digest {digest!r} is not 'sha256-tree:<64 hex>'")
-    if not all(isinstance(c, str) and _HEX_RE.match(c) for c in chunks):
+    if not all(isinstance(c, str) and _HEX_RE.fullmatch(c) for c in chunks):
         raise ManifestError(f"{path}: chunk digests must be 64 lowercase hex characters")
     expected_chunks = max(1, -(-size // chunk_size))
     if len(chunks) != expected_chunks:
@@ -195,10 +195,14 @@ def _parse_file(raw: object, index: int, chunk_size: int) -> FileEntry:
     return FileEntry(path, size, digest, tuple(chunks))
 
 
+def _refuse_constant(name: str) -> None:
+    raise ManifestError(f"manifest contains {name}, which is not JSON")
+
+
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate manifest bytes; raise :class:`ManifestError` naming the problem."""
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:

@@ -68,8 +68,18 @@ def test_index_then_verify_a_foreign_directory(tmp_path: Path) -> None:
     assert "layout hf-trainer, step 40, 2 files" in out.stdout
     assert run("verify", str(ckpt)).returncode == 0
     again = run("index", str(ckpt))
-    assert again.returncode == 4 and "already committed" in again.stderr
+    assert again.returncode == 2 and "already committed" in again.stderr
     assert run("index", str(ckpt), "--force", "--json").returncode == 0
+
+
+def test_gc_removes_an_empty_staging_directory(root: Path) -> None:
+    # A kill right after the staging directory was made leaves it empty.
+    staging = root / ".step-00000009.ckptkit-staging-ba9876543210"
+    staging.mkdir()
+    noted = run("ls", str(root))
+    assert "1 leftover item(s) of interrupted saves" in noted.stderr
+    assert run("gc", str(root), "--grace", "0").returncode == 0
+    assert not staging.exists()
 
 
 def test_gc_dry_run_and_removal(root: Path) -> None:
@@ -88,7 +98,8 @@ def test_gc_dry_run_and_removal(root: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["verify", "/nonexistent/ckpt"], 1, "no committed checkpoint"),
+        (["verify", "/nonexistent/ckpt"], 4, "no such file or directory"),
+        (["-o", "endpoint_url=http://x", "ls", "/tmp"], 2, "do not apply to local path"),
         (["ls", "/nonexistent/ckpt"], 0, "no checkpoints under"),
         (["index", "/nonexistent/ckpt"], 4, "no files to index"),
         (["verify", "gs://bucket/x"], 4, "needs the 'gcsfs' package"),

@@ -112,6 +112,7 @@ def test_future_schema_version_is_a_clear_error(any_store: Store) -> None:
 
 
 def test_verify_tree_on_a_root_and_on_nothing(any_store: Store) -> None:
+    any_store.put("notes.txt", b"not a checkpoint")
     with pytest.raises(NotCommittedError):
         verify_tree(any_store)
     commit_files(any_store, "step-00000001", {"a": b"1"}, step=1)
@@ -148,6 +149,9 @@ def test_index_deepspeed_root_follows_validated_latest(any_store: Store) -> None
     assert result.url.endswith("global_step7")
     assert result.manifest.layout == "deepspeed" and result.manifest.step == 7
     assert result.manifest.topology["dp_world_size"] == 2
+    # --force on the root re-indexes the tag, not the root.
+    assert index_checkpoint(any_store, force=True).url.endswith("global_step7")
+    assert not any_store.exists("ckptkit-manifest.json")
     any_store.put("latest", b"../../etc")
     with pytest.raises(FormatError, match="not a tag directory"):
         index_checkpoint(any_store)
@@ -178,3 +182,19 @@ def test_gc_grace_uses_object_age(any_store: Store) -> None:
     (item,) = find_debris(any_store)
     assert item.age_seconds < 60
     assert find_debris(any_store, now=time.time() + 7200)[0].age_seconds > 3600
+
+
+def test_index_keeps_a_trainer_step_of_zero(any_store: Store) -> None:
+    ckpt = any_store.child("checkpoint-9")
+    ckpt.put("trainer_state.json", b'{"global_step": 0}')
+    assert index_checkpoint(ckpt).manifest.step == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "step"),
+    [("step-00000100", 100), ("checkpoint-2500", 2500), ("global_step7", 7), ("logs2", None), ("det2", None)],
+)
+def test_step_names(name: str, step: int | None) -> None:
+    from ckptkit.catalog import step_from_name
+
+    assert step_from_name(name) == step

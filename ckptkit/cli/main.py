@@ -13,7 +13,7 @@ import click
 from ckptkit.catalog import list_checkpoints
 from ckptkit.cli.render import emit_error, emit_json, format_bytes, table
 from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_STORAGE, CkptkitError
-from ckptkit.ops.gc import DEFAULT_GRACE_SECONDS, collect_garbage
+from ckptkit.ops.gc import DEFAULT_GRACE_SECONDS, collect_garbage, find_debris
 from ckptkit.ops.index import index_checkpoint
 from ckptkit.ops.verify import VerifyReport, verify_tree
 from ckptkit.storage import Store, open_store
@@ -83,7 +83,8 @@ def cli(ctx: click.Context, storage_options: tuple[str, ...]) -> None:
 @handles_errors
 def ls_command(ctx: click.Context, root: str, as_json: bool) -> int:
     """List the checkpoints under ROOT, committed and incomplete, newest last."""
-    checkpoints = list_checkpoints(_store(ctx, root))
+    store = _store(ctx, root)
+    checkpoints = list_checkpoints(store)
     if as_json:
         emit_json([
             {"name": c.name, "url": c.url, "step": c.step, "status": c.status, "files": c.files,
@@ -93,8 +94,16 @@ def ls_command(ctx: click.Context, root: str, as_json: bool) -> int:
             for c in checkpoints
         ])
         return EXIT_OK
+    leftovers = find_debris(store)
     if not checkpoints:
         click.echo(f"no checkpoints under {root}")
+    if leftovers:
+        click.echo(
+            f"note: {len(leftovers)} leftover item(s) of interrupted saves "
+            f"({format_bytes(sum(d.size for d in leftovers))}); 'ckptkit gc {root}' removes them",
+            err=True,
+        )
+    if not checkpoints:
         return EXIT_OK
     rows = [
         [c.name, "-" if c.step is None else c.step, c.status, c.manifest.layout if c.manifest else "-",

@@ -8,6 +8,7 @@ than the grace period is removed, so a save in progress in another process is sa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -44,8 +45,16 @@ class GcReport:
 
 
 def _debris(prefix: str, reason: str, objects: list[ObjectInfo], now: float) -> Debris:
-    newest = max((o.mtime or now) for o in objects)
+    newest = max((o.mtime or now for o in objects), default=now)
     return Debris(prefix, reason, len(objects), sum(o.size for o in objects), max(0.0, now - newest))
+
+
+def _directory_age(root: Store, name: str, now: float) -> float:
+    path = root.local_path(name)
+    try:
+        return max(0.0, now - path.stat().st_mtime) if path is not None else 0.0
+    except FileNotFoundError:
+        return 0.0
 
 
 def find_debris(root: Store, *, now: float | None = None) -> list[Debris]:
@@ -55,12 +64,20 @@ def find_debris(root: Store, *, now: float | None = None) -> list[Debris]:
     for info in root.list(""):
         by_top[info.key.split("/", 1)[0]].append(info)
 
+    # A save killed right after creating its staging directory leaves it empty; object
+    # listings do not show empty directories, so look at the root's directories too.
+    for name in root.list_dirs(""):
+        if is_ckptkit_debris_dir(name) and name not in by_top:
+            by_top[name] = []
     found: list[Debris] = []
     for top, objects in sorted(by_top.items()):
         if is_ckptkit_debris_dir(top):
             staging = STAGING_MARKER in top
             kind = "staging directory of an interrupted save" if staging else "checkpoint being deleted"
-            found.append(_debris(top, kind, objects, now))
+            item = _debris(top, kind, objects, now)
+            if not objects:
+                item = dataclasses.replace(item, age_seconds=_directory_age(root, top, now))
+            found.append(item)
             continue
         temps = [o for o in objects if o.key.rsplit("/", 1)[-1].startswith(TEMP_MARKER)]
         found.extend(_debris(o.key, "temporary file of an interrupted write", [o], now) for o in temps)

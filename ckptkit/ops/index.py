@@ -25,7 +25,6 @@ from ckptkit.storage.local import TEMP_MARKER
 
 _DS_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _DS_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_DS_LAYER = re.compile(r"^layer_\d+-model_(\d+)-model_states\.pt$")
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ def detect_layout(checkpoint: Store, names: list[str], dir_name: str) -> Layout:
     """Tell the layout from what the directory holds."""
     basenames = {n.rsplit("/", 1)[-1] for n in names}
     if "trainer_state.json" in basenames:
-        return Layout("hf-trainer", _hf_step(checkpoint) or step_from_name(dir_name))
+        hf_step = _hf_step(checkpoint)
+        return Layout("hf-trainer", hf_step if hf_step is not None else step_from_name(dir_name))
     ds_models = {m.group(1) for n in basenames if (m := _DS_MODEL.match(n))}
     ds_optims = [m for n in basenames if (m := _DS_OPTIM.match(n))]
     if ds_models or ds_optims:
@@ -102,7 +102,7 @@ def index_checkpoint(
     If ``checkpoint`` is a DeepSpeed root with a ``latest`` file, the tag it names is indexed.
     """
     tag = resolve_deepspeed_latest(checkpoint)
-    if tag is not None and not checkpoint.exists(f"{tag}/{MANIFEST_NAME}" if force else MANIFEST_NAME):
+    if tag is not None and not checkpoint.exists(MANIFEST_NAME):
         checkpoint = checkpoint.child(tag)
     existing = checkpoint.exists(MANIFEST_NAME)
     if existing and not force:

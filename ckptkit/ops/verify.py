@@ -143,6 +143,9 @@ def verify_tree(store: Store, *, quick: bool = False, jobs: int | None = None) -
     """Verify ``store`` as one checkpoint if it holds a manifest, else every checkpoint below it."""
     if store.exists(MANIFEST_NAME):
         return [verify_checkpoint(store, quick=quick, jobs=jobs)]
+    local = store.local_path("")
+    if local is not None and not local.exists():
+        raise NotFoundError(f"{store.url}: no such file or directory")
     checkpoints = list_checkpoints(store)
     if not any(c.committed for c in checkpoints):
         raise NotCommittedError(

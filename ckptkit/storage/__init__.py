@@ -46,6 +46,9 @@ def open_store(url: str | os.PathLike[str] | Store, **options: Any) -> Store:
         raise InvalidURLError("empty path or URL")
     scheme, rest = split_url(url)
     if scheme in (None, "file", "local"):
+        unknown = sorted(set(options) - {"fsync"})
+        if unknown:
+            raise InvalidURLError(f"storage options {', '.join(unknown)} do not apply to local path {rest!r}")
         return LocalStore(rest, **options)
     return _open_fsspec(scheme, url, options)
 

@@ -224,6 +224,7 @@ class FsspecStore(Store):
             f.commit()
         except BaseException:
             f.discard()
+            f.closed = True  # discarded: its finaliser must not try to flush the upload
             raise
         return size
 

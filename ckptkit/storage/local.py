@@ -69,11 +69,12 @@ def fsync_dir(path: Path) -> None:
 class LocalStore(Store):
     """Objects are files below ``root``; ``/`` in keys maps to directories."""
 
-    capabilities = StoreCapabilities(atomic_rename=True, conditional_create=True, durable_writes=True)
-
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
         self.fsync = fsync
+        self.capabilities = StoreCapabilities(
+            atomic_rename=True, conditional_create=True, durable_writes=fsync
+        )
 
     @property
     def url(self) -> str:
