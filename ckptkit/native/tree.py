@@ -1,0 +1,262 @@
+"""The typed-JSON codec of state trees: exact round trips without pickle.
+
+Values JSON holds exactly are written as themselves: ``null``, booleans, strings, ints within
+±2**53 (what every JSON reader keeps exact), finite floats (Python writes the shortest repr that
+reads back bit for bit), lists, and dicts whose keys are all strings (and none is ``"t"``).
+Everything else is a tagged object ``{"t": <tag>, ...}``:
+
+=========================  ==========================================================
+``int``                    ``{"v": "-0x1f..."}``: hex, which has no digit limit
+``float``                  ``{"v": "inf" | "-inf" | "nan" | "nan:<16 hex digits>"}``
+``complex``                ``{"v": [re, im]}`` (float nodes)
+``bytes``, ``bytearray``   ``{"v": base64}``
+``tuple``, ``set``,        ``{"v": [items]}``
+``frozenset``
+``dict``, ``odict``,       ``{"v": [[key, value], ...]}`` in insertion order
+``counter``
+``tensor``                 ``{"i": index into the document's tensor table}``
+``size``                   ``{"v": [ints]}`` (``torch.Size``)
+``dtype``, ``device``      ``{"v": "float32"}``, ``{"v": "cuda:0"}``
+``ndarray``, ``npscalar``  see :mod:`ckptkit.native.numpy_values`
+=========================  ==========================================================
+
+Types are matched exactly (a ``dict`` subclass is not a ``dict``), because the round trip must
+give back the same types, and a class this codec does not know could only come back by running
+its code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ckptkit.errors import FormatError, UnstorableValueError
+from ckptkit.native.dtypes import torch_dtype, torch_name
+
+TAG = "t"
+# Ints beyond this magnitude lose precision in JSON readers that use doubles (JavaScript, jq).
+JSON_SAFE_INT = 1 << 53
+_CANONICAL_NAN = 0x7FF8000000000000
+_PAIR_CONTAINERS: dict[type, str] = {dict: "dict", OrderedDict: "odict", Counter: "counter"}
+_SEQUENCES: dict[type, str] = {tuple: "tuple", set: "set", frozenset: "frozenset"}
+_KEY_SCALARS = (type(None), bool, str, int, float, complex, bytes)
+
+Json = Any
+TreePath = tuple[object, ...]
+
+
+def format_path(path: TreePath) -> str:
+    """``state["model"][3]`` for the path ``("model", 3)``."""
+    parts = ["state"]
+    for key in path:
+        shown = json.dumps(key, ensure_ascii=False) if isinstance(key, str) else repr(key)
+        parts.append(f"[{shown}]")
+    return "".join(parts)
+
+
+def describe_type(kind: type) -> str:
+    """``function`` for builtins, ``package.module.Class`` for everything else."""
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def encode_float(value: float) -> Json:
+    if math.isfinite(value):
+        return value
+    if math.isinf(value):
+        return {TAG: "float", "v": "inf" if value > 0 else "-inf"}
+    # NaNs carry a sign and payload; keep them, since the round trip is bit for bit.
+    bits = struct.unpack("<Q", struct.pack("<d", value))[0]
+    return {TAG: "float", "v": "nan" if bits == _CANONICAL_NAN else f"nan:{bits:016x}"}
+
+
+def _is_storable_key(key: object) -> bool:
+    if type(key) in (tuple, frozenset):
+        return all(_is_storable_key(item) for item in key)  # type: ignore[attr-defined]
+    return type(key) in _KEY_SCALARS
+
+
+class TreeEncoder:
+    """Turns a state tree into JSON nodes, collecting tensors and large arrays on the way.
+
+    ``tensors`` holds each distinct tensor object once (identity, not value), in first-seen
+    order, with the path where it was first seen in ``tensor_paths``. ``blobs`` holds the numpy
+    arrays too large to inline: ``(array, path, node)``; the writer stores the array and sets
+    ``node["entry"]``.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.tensor_paths: list[TreePath] = []
+        self.blobs: list[tuple[Any, TreePath, dict[str, Any]]] = []
+        self._tensor_index: dict[int, int] = {}
+        self._open: set[int] = set()  # containers on the current path; meeting one is a cycle
+
+    def encode(self, value: Any, path: TreePath = ()) -> Json:
+        kind = type(value)
+        if value is None or kind in (bool, str):
+            return value
+        if kind is int:
+            return value if -JSON_SAFE_INT < value < JSON_SAFE_INT else {TAG: "int", "v": hex(value)}
+        if kind is float:
+            return encode_float(value)
+        if kind is complex:
+            return {TAG: "complex", "v": [encode_float(value.real), encode_float(value.imag)]}
+        if kind in (bytes, bytearray):
+            return {TAG: kind.__name__, "v": base64.b64encode(value).decode("ascii")}
+        if kind is list or kind in _SEQUENCES or kind in _PAIR_CONTAINERS:
+            with self._entered(value, path):
+                return self._container(value, path)
+        if kind in (torch.Tensor, torch.nn.Parameter):
+            return {TAG: "tensor", "i": self._tensor(value, path)}
+        if kind is torch.Size:
+            return {TAG: "size", "v": list(value)}
+        if kind is torch.dtype:
+            return {TAG: "dtype", "v": torch_name(value)}
+        if kind is torch.device:
+            return {TAG: "device", "v": str(value)}
+        if kind.__module__.split(".")[0] == "numpy":
+            from ckptkit.native import numpy_values
+
+            return numpy_values.encode(value, path, self.blobs)
+        raise UnstorableValueError(format_path(path), f"{describe_type(kind)} is not storable")
+
+    @contextmanager
+    def _entered(self, container: object, path: TreePath) -> Iterator[None]:
+        if id(container) in self._open:
+            raise UnstorableValueError(format_path(path), "cycle: a container holds itself")
+        self._open.add(id(container))
+        try:
+            yield
+        finally:
+            self._open.discard(id(container))
+
+    def _container(self, value: Any, path: TreePath) -> Json:
+        kind = type(value)
+        if kind is list:
+            return [self.encode(item, (*path, i)) for i, item in enumerate(value)]
+        if kind in _SEQUENCES:
+            return {TAG: _SEQUENCES[kind], "v": [self.encode(x, (*path, i)) for i, x in enumerate(value)]}
+        for key in value:
+            if not _is_storable_key(key):
+                raise UnstorableValueError(
+                    format_path(path), f"dict key of type {describe_type(type(key))} is not storable"
+                )
+        if kind is dict and TAG not in value and all(type(key) is str for key in value):
+            return {key: self.encode(item, (*path, key)) for key, item in value.items()}
+        pairs = [[self.encode(key), self.encode(item, (*path, key))] for key, item in value.items()]
+        return {TAG: _PAIR_CONTAINERS[kind], "v": pairs}
+
+    def _tensor(self, tensor: torch.Tensor, path: TreePath) -> int:
+        index = self._tensor_index.get(id(tensor))
+        if index is None:
+            _check_tensor(tensor, path)
+            index = len(self.tensors)
+            self._tensor_index[id(tensor)] = index
+            self.tensors.append(tensor)
+            self.tensor_paths.append(path)
+        return index
+
+
+def _check_tensor(tensor: torch.Tensor, path: TreePath) -> None:
+    if tensor.layout != torch.strided:
+        raise UnstorableValueError(format_path(path), f"tensor with layout {tensor.layout} is not storable")
+    if tensor.is_quantized:
+        raise UnstorableValueError(format_path(path), "quantized tensor is not storable")
+    if tensor.device.type == "meta":
+        raise UnstorableValueError(format_path(path), "meta tensor has no data to store")
+
+
+class TreeDecoder:
+    """Turns JSON nodes back into values; ``tensor(i)`` and ``array(node)`` make the leaves."""
+
+    def __init__(
+        self,
+        tensor: Callable[[int], torch.Tensor],
+        array: Callable[[dict[str, Any]], Any],
+    ) -> None:
+        self._tensor = tensor
+        self._array = array
+
+    def decode(self, node: Json) -> Any:
+        if node is None or type(node) in (bool, str, int, float):
+            return node
+        if type(node) is list:
+            return [self.decode(item) for item in node]
+        if type(node) is not dict:
+            raise FormatError(f"tree.json: unexpected JSON value {node!r}")
+        if TAG not in node:
+            return {key: self.decode(item) for key, item in node.items()}
+        tag = node[TAG]
+        try:
+            return self._tagged(tag, node)
+        except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error) as exc:
+            if isinstance(exc, FormatError):
+                raise
+            raise FormatError(f"tree.json: malformed {tag!r} node: {exc!r}") from exc
+
+    def _tagged(self, tag: object, node: dict[str, Any]) -> Any:
+        value = node.get("v")
+        if tag == "int":
+            return int(_expect(value, str, tag), 16)
+        if tag == "float":
+            return decode_float(node)
+        if tag == "complex":
+            real, imag = _expect(value, list, tag)
+            return complex(decode_float(real), decode_float(imag))
+        if tag in ("bytes", "bytearray"):
+            data = base64.b64decode(_expect(value, str, tag), validate=True)
+            return data if tag == "bytes" else bytearray(data)
+        if tag in ("tuple", "set", "frozenset"):
+            items = [self.decode(item) for item in _expect(value, list, tag)]
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+        if tag in ("dict", "odict", "counter"):
+            items = {self.decode(key): self.decode(item) for key, item in _expect(value, list, tag)}
+            # Counter(mapping) copies the counts as they are; Counter(pairs) would count pairs.
+            return {"dict": dict, "odict": OrderedDict, "counter": Counter}[tag](items)
+        if tag == "tensor":
+            return self._tensor(_expect(node.get("i"), int, tag))
+        if tag == "size":
+            return torch.Size(_expect(value, list, tag))
+        if tag == "dtype":
+            return torch_dtype(value, "tree.json")
+        if tag == "device":
+            return torch.device(_expect(value, str, tag))
+        if tag == "ndarray":
+            return self._array(node)
+        if tag == "npscalar":
+            from ckptkit.native import numpy_values
+
+            return numpy_values.decode_scalar(node)
+        raise FormatError(f"tree.json: unknown node type {tag!r}")
+
+
+def decode_float(node: Json) -> float:
+    if type(node) is float:
+        return node
+    if type(node) is not dict or node.get(TAG) != "float" or type(node.get("v")) is not str:
+        raise FormatError(f"tree.json: expected a float, found {node!r}")
+    text = node["v"]
+    if text in ("inf", "-inf"):
+        return float(text)
+    if text == "nan":
+        return float("nan")
+    if text.startswith("nan:") and len(text) == 20:
+        return struct.unpack("<d", struct.pack("<Q", int(text[4:], 16)))[0]
+    raise FormatError(f"tree.json: bad float {text!r}")
+
+
+def _expect(value: Any, kind: type, tag: object) -> Any:
+    if type(value) is not kind:
+        raise FormatError(f"tree.json: {tag!r} node needs a {kind.__name__}, found {value!r}")
+    return value

@@ -1,0 +1,84 @@
+"""``write_native``: a state tree to ``tree.json`` plus safetensors shards, through a sink."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ckptkit.native import jsonfmt
+from ckptkit.native.plan import Entry, assign_shards, plan_entries, shard_name
+from ckptkit.native.safetensors_io import shard_chunks
+from ckptkit.native.tree import TreeEncoder
+
+TREE_FILE = "tree.json"
+FORMAT_NAME = "ckptkit.native"
+FORMAT_VERSION = 1
+
+
+class FileSink(Protocol):
+    """Where the files of one checkpoint go; ``CheckpointTransaction`` is one.
+
+    ``write`` must be thread-safe: shards are written concurrently. ``path`` is relative
+    (``"tree.json"``); ``data`` is bytes or an iterable of buffers, to be streamed, not joined.
+    """
+
+    def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> object: ...
+
+
+@dataclass(frozen=True)
+class NativeSummary:
+    tensor_count: int
+    tensor_bytes: int
+    shard_paths: list[str] = field(default_factory=list)
+    tree_path: str = TREE_FILE
+
+
+def write_native(
+    state: Any, sink: FileSink, *, max_shard_size: int = 1 << 30, jobs: int = 4
+) -> NativeSummary:
+    """Write ``state`` in ckptkit's pickle-free format to ``sink``.
+
+    Raises :class:`UnstorableValueError` naming the path of the first value the format cannot
+    represent, before anything is written. ``tree.json`` is written last, after every shard.
+    """
+    if max_shard_size < 1:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    encoder = TreeEncoder()
+    tree = encoder.encode(state)
+    plan = plan_entries(encoder)
+    shards = assign_shards(plan.entries, max_shard_size)
+    paths = [shard_name(i, len(shards)) for i in range(len(shards))]
+    if shards:
+        _write_shards(sink, list(zip(paths, shards, strict=True)), jobs)
+    document = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "shards": paths,
+        "entries": {
+            entry.name: {"shard": index, "dtype": entry.dtype, "shape": list(entry.shape)}
+            for index, shard in enumerate(shards)
+            for entry in shard
+        },
+        "tensors": plan.records,
+        "tree": tree,
+    }
+    sink.write(TREE_FILE, jsonfmt.dumps(document).encode("utf-8"))
+    return NativeSummary(
+        tensor_count=len(plan.records),
+        tensor_bytes=sum(entry.nbytes for entry in plan.entries),
+        shard_paths=paths,
+    )
+
+
+def _write_shards(sink: FileSink, shards: list[tuple[str, list[Entry]]], jobs: int) -> None:
+    with ThreadPoolExecutor(max_workers=min(jobs, len(shards)), thread_name_prefix="ckptkit-shard") as pool:
+        futures = [pool.submit(sink.write, path, shard_chunks(entries)) for path, entries in shards]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:  # a shard failed: start no more; running ones finish
+            future.cancel()
+        for future in done:
+            future.result()
