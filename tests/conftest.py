@@ -10,6 +10,10 @@ import pytest
 
 from ckptkit.storage import Store, open_store
 
+# Real checkpoints (plain torch, transformers.Trainer, multi-rank DeepSpeed), generated lazily
+# once per session.
+pytest_plugins = ["tests.fixtures.real_checkpoints"]
+
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
