@@ -1,19 +1,39 @@
 """ckptkit: atomic, manifest-indexed, verifiable checkpoints on local disk and object stores.
 
-``import ckptkit`` does not import torch; the functions that make tensors import it when called.
+``import ckptkit`` is cheap and torch-free: the public names below are imported on first use
+(PEP 562), and the functions that make tensors import torch only when called.
 """
 
-from ckptkit.api import load, save
-from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest
-from ckptkit.errors import CkptkitError
-from ckptkit.manager import CheckpointManager
-from ckptkit.manifest import Manifest
-from ckptkit.ops.gc import collect_garbage
-from ckptkit.ops.index import index_checkpoint
-from ckptkit.ops.verify import verify_checkpoint, verify_tree
-from ckptkit.storage import Store, open_store
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "save": "ckptkit.api",
+    "load": "ckptkit.api",
+    "CheckpointManager": "ckptkit.manager",
+    "CheckpointInfo": "ckptkit.catalog",
+    "latest_checkpoint": "ckptkit.catalog",
+    "list_checkpoints": "ckptkit.catalog",
+    "read_manifest": "ckptkit.catalog",
+    "CkptkitError": "ckptkit.errors",
+    "Manifest": "ckptkit.manifest",
+    "collect_garbage": "ckptkit.ops.gc",
+    "index_checkpoint": "ckptkit.ops.index",
+    "inspect_path": "ckptkit.ops.inspect",
+    "scan": "ckptkit.ops.scan",
+    "doctor": "ckptkit.ops.doctor",
+    "verify_checkpoint": "ckptkit.ops.verify",
+    "verify_tree": "ckptkit.ops.verify",
+    "safe_load": "ckptkit.safe",
+    "safe_globals": "ckptkit.safe",
+    "Store": "ckptkit.storage",
+    "open_store": "ckptkit.storage",
+}
 
 __all__ = [
     "CheckpointInfo",
@@ -23,13 +43,47 @@ __all__ = [
     "Store",
     "__version__",
     "collect_garbage",
+    "doctor",
     "index_checkpoint",
+    "inspect_path",
     "latest_checkpoint",
     "list_checkpoints",
     "load",
     "open_store",
     "read_manifest",
+    "safe_globals",
+    "safe_load",
     "save",
+    "scan",
     "verify_checkpoint",
     "verify_tree",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from ckptkit.api import load, save
+    from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest
+    from ckptkit.errors import CkptkitError
+    from ckptkit.manager import CheckpointManager
+    from ckptkit.manifest import Manifest
+    from ckptkit.ops.doctor import doctor
+    from ckptkit.ops.gc import collect_garbage
+    from ckptkit.ops.index import index_checkpoint
+    from ckptkit.ops.inspect import inspect_path
+    from ckptkit.ops.scan import scan
+    from ckptkit.ops.verify import verify_checkpoint, verify_tree
+    from ckptkit.safe import safe_globals, safe_load
+    from ckptkit.storage import Store, open_store

@@ -82,8 +82,14 @@ def _iso(mtime: float | None) -> str | None:
     return dt.datetime.fromtimestamp(mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def list_checkpoints(root: Store, *, jobs: int = 16) -> list[CheckpointInfo]:
-    """Every checkpoint directory under ``root``, oldest first (by step, then creation time)."""
+def list_checkpoints(root: Store, *, read_manifests: bool = True, jobs: int = 16) -> list[CheckpointInfo]:
+    """Every checkpoint directory under ``root``, oldest first (by step, then creation time).
+
+    With ``read_manifests=False`` only the listing is used (a few LIST requests however many
+    checkpoints there are): a checkpoint counts as committed when its manifest object exists,
+    its step comes from its name, its size and file count from the objects present, and its
+    creation time is the manifest's mtime. Manifests are then neither parsed nor validated.
+    """
     groups: dict[str, list[ObjectInfo]] = defaultdict(list)
     for info in root.list(""):
         top, sep, _rest = info.key.partition("/")
@@ -102,12 +108,18 @@ def list_checkpoints(root: Store, *, jobs: int = 16) -> list[CheckpointInfo]:
         except (NotCommittedError, NotFoundError):
             return None  # deleted between listing and reading: no longer committed
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        manifests = dict(zip(committed, pool.map(load, committed), strict=False))
+    if read_manifests:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            manifests = dict(zip(committed, pool.map(load, committed), strict=False))
+    else:
+        manifests = {}
 
     result = []
     for name, objects in groups.items():
         manifest = manifests.get(name)
+        if not read_manifests and name in committed:
+            result.append(_from_listing(root, name, objects))
+            continue
         if manifest is None and not _looks_like_checkpoint(name, objects):
             continue
         newest = max((o.mtime or 0.0) for o in objects) or None
@@ -129,6 +141,16 @@ def list_checkpoints(root: Store, *, jobs: int = 16) -> list[CheckpointInfo]:
             )
     result.sort(key=lambda c: (c.step if c.step is not None else -1, c.created or "", c.name))
     return result
+
+
+def _from_listing(root: Store, name: str, objects: list[ObjectInfo]) -> CheckpointInfo:
+    manifest_key = f"{name}/{MANIFEST_NAME}"
+    data = [o for o in objects if o.key != manifest_key]
+    committed_at = next(o.mtime for o in objects if o.key == manifest_key)
+    return CheckpointInfo(
+        root.url, name, "committed", step_from_name(name),
+        len(data), sum(o.size for o in data), _iso(committed_at),
+    )
 
 
 def latest_checkpoint(root: Store) -> CheckpointInfo | None:

@@ -2,49 +2,32 @@
 
 from __future__ import annotations
 
-import functools
 import re
-import sys
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptkit.catalog import list_checkpoints
-from ckptkit.cli.render import emit_error, emit_json, format_bytes, table
-from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_STORAGE, CkptkitError
-from ckptkit.ops.gc import DEFAULT_GRACE_SECONDS, collect_garbage, find_debris
-from ckptkit.ops.index import index_checkpoint
-from ckptkit.ops.verify import VerifyReport, verify_tree
-from ckptkit.storage import Store, open_store
+from ckptkit.cli.common import handles_errors, json_option, storage_options
+from ckptkit.cli.inspect_cmd import inspect_command
+from ckptkit.cli.render import emit_json, format_bytes, table
+from ckptkit.cli.safety_cmds import doctor_command, scan_command
+from ckptkit.errors import EXIT_FINDINGS, EXIT_OK
+
+if TYPE_CHECKING:
+    from ckptkit.ops.verify import VerifyReport
+    from ckptkit.storage import Store
+
+# Each command imports the library it calls when it runs, so `ckptkit --help` and every
+# command pay only for what they use.
+DEFAULT_GRACE = "3600s"
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-
-
-def handles_errors(command: Callable[..., int | None]) -> Callable[..., None]:
-    """Run a command; turn expected errors into one clear line and the documented exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        as_json = kwargs.get("as_json", False)
-        try:
-            code = command(*args, **kwargs) or EXIT_OK
-        except CkptkitError as exc:
-            emit_error(str(exc), type(exc).__name__, as_json)
-            code = exc.exit_code
-        except OSError as exc:  # an OS error no adapter translated: still no traceback
-            emit_error(str(exc), type(exc).__name__, as_json)
-            code = EXIT_STORAGE
-        sys.exit(code)
-
-    return wrapper
-
-
 def _store(ctx: click.Context, url: str) -> Store:
-    return open_store(url, **ctx.obj["storage_options"])
+    from ckptkit.storage import open_store
+
+    return open_store(url, **storage_options(ctx))
 
 
 def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
@@ -66,25 +49,33 @@ def _parse_duration(value: str) -> float:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "-o", "--option", "storage_options", multiple=True, metavar="KEY=VALUE",
+    "-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
     help="Storage option for the backend, e.g. -o endpoint_url=http://127.0.0.1:9000 (repeatable).",
 )
 @click.version_option(package_name="ckptkit")
 @click.pass_context
-def cli(ctx: click.Context, storage_options: tuple[str, ...]) -> None:
+def cli(ctx: click.Context, option_pairs: tuple[str, ...]) -> None:
     """Atomic, verifiable checkpoints: list, verify, index and clean them on disk or S3."""
-    ctx.obj = {"storage_options": _parse_options(storage_options)}
+    ctx.obj = {"storage_options": _parse_options(option_pairs)}
 
 
 @cli.command("ls")
 @click.argument("root")
+@click.option("-l", "--long", "read_manifests", is_flag=True,
+              help="Read and validate every manifest (layout, id, exact step); one GET each.")
 @json_option
 @click.pass_context
 @handles_errors
-def ls_command(ctx: click.Context, root: str, as_json: bool) -> int:
-    """List the checkpoints under ROOT, committed and incomplete, newest last."""
+def ls_command(ctx: click.Context, root: str, read_manifests: bool, as_json: bool) -> int:
+    """List the checkpoints under ROOT, committed and incomplete, newest last.
+
+    Without --long only the listing is read: a few requests however many checkpoints there are.
+    """
+    from ckptkit.catalog import list_checkpoints
+    from ckptkit.commit import is_ckptkit_debris_dir
+
     store = _store(ctx, root)
-    checkpoints = list_checkpoints(store)
+    checkpoints = list_checkpoints(store, read_manifests=read_manifests)
     if as_json:
         emit_json([
             {"name": c.name, "url": c.url, "step": c.step, "status": c.status, "files": c.files,
@@ -94,13 +85,13 @@ def ls_command(ctx: click.Context, root: str, as_json: bool) -> int:
             for c in checkpoints
         ])
         return EXIT_OK
-    leftovers = find_debris(store)
+    leftovers = [name for name in store.list_dirs("") if is_ckptkit_debris_dir(name)]
     if not checkpoints:
         click.echo(f"no checkpoints under {root}")
     if leftovers:
         click.echo(
-            f"note: {len(leftovers)} leftover item(s) of interrupted saves "
-            f"({format_bytes(sum(d.size for d in leftovers))}); 'ckptkit gc {root}' removes them",
+            f"note: {len(leftovers)} leftover staging or trash director(ies) of interrupted saves; "
+            f"'ckptkit gc {root}' removes them",
             err=True,
         )
     if not checkpoints:
@@ -124,9 +115,13 @@ def ls_command(ctx: click.Context, root: str, as_json: bool) -> int:
 def verify_command(ctx: click.Context, path: str, quick: bool, jobs: int | None, as_json: bool) -> int:
     """Verify a checkpoint (or every checkpoint under a root) against its manifest.
 
-    Exit 0 if everything matches, 1 if anything is missing, truncated, corrupt or uncommitted.
+    A checkpoint or file without a ckptkit manifest gets every structural check its format
+    allows (zip CRCs, record sizes, safetensors rules, index files, DeepSpeed completeness).
+    Exit 0 if everything holds, 1 if anything is missing, truncated, corrupt or uncommitted.
     """
-    reports = verify_tree(_store(ctx, path), quick=quick, jobs=jobs)
+    from ckptkit.ops.verify import verify_path
+
+    reports = verify_path(path, quick=quick, jobs=jobs, **storage_options(ctx))
     code = EXIT_OK if all(r.ok for r in reports) else EXIT_FINDINGS
     if as_json:
         emit_json({"ok": code == EXIT_OK, "checkpoints": [r.to_json() for r in reports]})
@@ -136,7 +131,10 @@ def verify_command(ctx: click.Context, path: str, quick: bool, jobs: int | None,
     for finding in problems:
         click.echo(f"{finding.severity}: {finding.message}")
     verdict = "OK" if code == EXIT_OK else "FAILED"
-    how = "sizes only (--quick)" if quick else "sizes and sha256 digests"
+    if any(r.checkpoint_files is not None for r in reports):
+        how = "structure only (no manifest, so no digests)"
+    else:
+        how = "sizes only (--quick)" if quick else "sizes and sha256 digests"
     click.echo(f"{verdict}: {len(reports)} checkpoint(s) checked, {how}")
     return code
 
@@ -165,6 +163,8 @@ def index_command(
     ctx: click.Context, path: str, force: bool, step: int | None, jobs: int | None, as_json: bool
 ) -> int:
     """Hash a checkpoint directory another tool wrote and commit a manifest for it."""
+    from ckptkit.ops.index import index_checkpoint
+
     result = index_checkpoint(_store(ctx, path), force=force, step=step, jobs=jobs)
     m = result.manifest
     if as_json:
@@ -180,7 +180,7 @@ def index_command(
 
 @cli.command("gc")
 @click.argument("root")
-@click.option("--grace", default=f"{int(DEFAULT_GRACE_SECONDS)}s", show_default=True,
+@click.option("--grace", default=DEFAULT_GRACE, show_default=True,
               help="Keep debris younger than this (e.g. 30m, 1h, 0 for all).")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @json_option
@@ -188,6 +188,8 @@ def index_command(
 @handles_errors
 def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json: bool) -> int:
     """Remove staging leftovers and orphaned objects of interrupted saves under ROOT."""
+    from ckptkit.ops.gc import collect_garbage
+
     report = collect_garbage(_store(ctx, root), grace_seconds=_parse_duration(grace), dry_run=dry_run)
     if as_json:
         emit_json({"url": report.url, "dry_run": dry_run, "removed": report.removed,
@@ -204,6 +206,10 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
     if report.kept_young:
         click.echo(f"kept {len(report.kept_young)} item(s) younger than the grace period ({grace})")
     return EXIT_OK
+
+
+for command in (inspect_command, scan_command, doctor_command):
+    cli.add_command(command)
 
 
 def main() -> None:

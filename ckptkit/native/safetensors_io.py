@@ -10,21 +10,24 @@ files without mmap), or by one ranged ``get`` each (every other store).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ckptkit.errors import FormatError
+from ckptkit.formats.safetensors import (
+    SafetensorsEntry,
+    SafetensorsHeader,
+    parse_safetensors_header,
+    read_safetensors_header,
+)
 from ckptkit.native.buffers import host_memoryview
 from ckptkit.native.dtypes import safetensors_itemsize
 from ckptkit.native.plan import Entry
 from ckptkit.storage.base import Store
 
-MAX_HEADER_SIZE = 100_000_000  # the reference implementation's cap
 CHUNK_SIZE = 64 << 20  # chunks handed to the sink, so hashing and I/O interleave on big tensors
 METADATA = {"format": "ckptkit"}
 
@@ -60,88 +63,30 @@ def shard_chunks(entries: list[Entry]) -> Iterator[memoryview]:
 # --- reading --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # offsets into the data section, end exclusive
-    end: int
-
-
-@dataclass(frozen=True)
-class ShardHeader:
-    data_start: int
-    entries: dict[str, HeaderEntry]
+# Header parsing and validation live in ckptkit.formats.safetensors, shared with the reader of
+# foreign safetensors files; ckptkit's own shards must pass it strictly (no problems at all).
+HeaderEntry = SafetensorsEntry
+ShardHeader = SafetensorsHeader
 
 
 def read_header(store: Store, path: str) -> ShardHeader:
-    size = store.head(path).size
-    if size < 8:
-        raise FormatError(f"{path}: {size} bytes, too short for a safetensors file")
-    length = int.from_bytes(store.get(path, 0, 8), "little")
-    if length > MAX_HEADER_SIZE:
-        raise FormatError(f"{path}: header length {length} exceeds the {MAX_HEADER_SIZE} byte cap")
-    if 8 + length > size:
-        raise FormatError(f"{path}: header of {length} bytes runs past the end of the {size} byte file")
-    return parse_header(path, store.get(path, 8, 8 + length), size)
+    header = read_safetensors_header(store, path, strict=True)
+    _check_readable_dtypes(header)
+    return header
 
 
 def parse_header(path: str, raw: bytes, file_size: int) -> ShardHeader:
-    try:
-        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except FormatError as exc:
-        raise FormatError(f"{path}: {exc}") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{path}: header is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise FormatError(f"{path}: header is not a JSON object")
-    document.pop("__metadata__", None)
-    entries = {name: _header_entry(path, name, spec) for name, spec in document.items()}
-    expected = 0
-    for name, entry in sorted(entries.items(), key=lambda item: item[1].begin):
-        if entry.begin != expected:
-            raise FormatError(f"{path}: tensor {name!r} starts at {entry.begin}, expected {expected}")
-        expected = entry.end
-    data_start = 8 + len(raw)
-    if data_start + expected != file_size:
-        raise FormatError(
-            f"{path}: header accounts for {data_start + expected} bytes, the file has {file_size}"
-        )
-    return ShardHeader(data_start, entries)
+    header = parse_safetensors_header(path, raw, file_size, strict=True)
+    _check_readable_dtypes(header)
+    return header
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        names = [name for name, _ in pairs]
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise FormatError(f"duplicate key {duplicate!r} in header")
-    return result
-
-
-def _header_entry(path: str, name: str, spec: Any) -> HeaderEntry:
-    if not isinstance(spec, dict):
-        raise FormatError(f"{path}: tensor {name!r}: entry is not an object")
-    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    itemsize = safetensors_itemsize(dtype) if isinstance(dtype, str) else None
-    if itemsize is None:
-        raise FormatError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        raise FormatError(f"{path}: tensor {name!r}: bad shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(n) is int and n >= 0 for n in offsets)
-        or offsets[1] < offsets[0]
-    ):
-        raise FormatError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
-    nbytes = math.prod(shape) * itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise FormatError(
-            f"{path}: tensor {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes, "
-            f"{dtype} {shape} needs {nbytes}"
-        )
-    return HeaderEntry(dtype, tuple(shape), offsets[0], offsets[1])
+def _check_readable_dtypes(header: ShardHeader) -> None:
+    # The shared parser knows every safetensors dtype; this reader makes torch tensors, so it
+    # takes only those torch's safetensors binding maps.
+    for name, entry in header.entries.items():
+        if safetensors_itemsize(entry.dtype) is None:
+            raise FormatError(f"{header.key}: tensor {name!r}: unsupported dtype {entry.dtype!r}")
 
 
 class ShardReader:

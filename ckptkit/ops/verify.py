@@ -12,12 +12,14 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from ckptkit.catalog import list_checkpoints, read_manifest
 from ckptkit.errors import ManifestError, NotCommittedError, NotFoundError
 from ckptkit.hashing import chunk_ranges, hash_range
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest
+from ckptkit.storage import open_store, split_url
 from ckptkit.storage.base import Store
 
 Severity = Literal["error", "warning"]
@@ -44,6 +46,9 @@ class VerifyReport:
     bytes_checked: int = 0
     quick: bool = False
     seconds: float = 0.0
+    # Without a manifest: how many files were recognised as checkpoint content by the
+    # structural checks (None when a manifest was verified).
+    checkpoint_files: int | None = None
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -108,6 +113,41 @@ def verify_checkpoint(checkpoint: Store, *, quick: bool = False, jobs: int | Non
     return report
 
 
+def verify_path(
+    url: str, *, quick: bool = False, jobs: int | None = None, **storage_options: Any
+) -> list[VerifyReport]:
+    """:func:`verify_tree` for a path or URL, which may also name a single file: a file gets
+    the structural checks of its format (a file has no manifest of its own)."""
+    from ckptkit.api import split_parent
+    from ckptkit.ops.structural import verify_structure
+
+    scheme, rest = split_url(url)
+    parent, name = split_parent(url)
+    if scheme in (None, "file", "local"):
+        if Path(rest).expanduser().is_file():
+            return [verify_structure(open_store(parent, **storage_options), keys=[name])]
+        return verify_tree(open_store(url, **storage_options), quick=quick, jobs=jobs)
+    store = open_store(url, **storage_options)
+    if not store.exists(MANIFEST_NAME) and not any(True for _ in store.list("")):
+        parent_store = open_store(parent, **storage_options)
+        if parent_store.exists(name):  # the URL names an object, not a prefix
+            return [verify_structure(parent_store, keys=[name])]
+    return verify_tree(store, quick=quick, jobs=jobs)
+
+
+def _verify_foreign(store: Store) -> VerifyReport:
+    from ckptkit.ops.structural import verify_structure
+
+    report = verify_structure(store)
+    if not report.checkpoint_files and report.ok:
+        raise NotCommittedError(
+            f"{store.url}: no checkpoint here (no {MANIFEST_NAME}, no committed checkpoint below it, "
+            "and no checkpoint files to check); for a checkpoint another tool wrote, run "
+            "'ckptkit index' on it"
+        )
+    return report
+
+
 def _check_digests(
     checkpoint: Store, manifest: Manifest, entries: list[FileEntry], jobs: int
 ) -> list[Finding]:
@@ -140,7 +180,9 @@ def _check_digests(
 
 
 def verify_tree(store: Store, *, quick: bool = False, jobs: int | None = None) -> list[VerifyReport]:
-    """Verify ``store`` as one checkpoint if it holds a manifest, else every checkpoint below it."""
+    """Verify ``store`` as one checkpoint if it holds a manifest, else every committed checkpoint
+    below it; a directory with neither (a checkpoint another tool wrote) gets the structural
+    checks that need no manifest (:mod:`ckptkit.ops.structural`)."""
     if store.exists(MANIFEST_NAME):
         return [verify_checkpoint(store, quick=quick, jobs=jobs)]
     local = store.local_path("")
@@ -148,10 +190,7 @@ def verify_tree(store: Store, *, quick: bool = False, jobs: int | None = None) -
         raise NotFoundError(f"{store.url}: no such file or directory")
     checkpoints = list_checkpoints(store)
     if not any(c.committed for c in checkpoints):
-        raise NotCommittedError(
-            f"{store.url}: no committed checkpoint here (no {MANIFEST_NAME} in it or in any "
-            "directory below it); for a checkpoint another tool wrote, run 'ckptkit index' first"
-        )
+        return [_verify_foreign(store)]
     reports = []
     for info in checkpoints:
         if info.committed:

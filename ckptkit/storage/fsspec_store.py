@@ -138,6 +138,10 @@ class FsspecStore(Store):
         with translate_backend_errors(self._describe(key)):
             if end is not None and start is not None and end <= start:
                 return b""
+            if start is None and end is None and self.protocol in ("s3", "s3a"):
+                # Whole-object gets are small (manifests, tree.json); s3fs would otherwise send
+                # a HEAD first to decide whether to split the download.
+                return self.fs.cat_file(path, max_concurrency=1)
             return self.fs.cat_file(path, start=start, end=end)
 
     def open_read(self, key: str) -> BinaryIO:

@@ -1,0 +1,92 @@
+"""The report ``inspect_path`` returns: what was found per view, the resume check, problems."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptkit.ops.inspect.model import ModelSet
+from ckptkit.ops.inspect.optimizer import OptimizerInfo
+from ckptkit.ops.inspect.resume import ResumeCheck
+from ckptkit.ops.inspect.rng import RngState
+from ckptkit.ops.inspect.scaler import ScalerInfo
+from ckptkit.ops.inspect.scheduler import SchedulerInfo
+from ckptkit.ops.inspect.stats import TensorStats
+from ckptkit.ops.inspect.trainer_state import TrainerState
+from ckptkit.ops.inspect.zero import ZeroInfo
+
+VIEWS = ("model", "optimizer", "scheduler", "scaler", "rng", "trainer_state")
+
+
+@dataclass
+class InspectReport:
+    url: str
+    name: str
+    layout: str
+    views: tuple[str, ...]  # the views asked for
+    models: list[ModelSet] = field(default_factory=list)
+    optimizers: list[OptimizerInfo] = field(default_factory=list)
+    zero: ZeroInfo | None = None
+    schedulers: list[SchedulerInfo] = field(default_factory=list)
+    scalers: list[ScalerInfo] = field(default_factory=list)
+    rng: list[RngState] = field(default_factory=list)
+    trainer_state: TrainerState | None = None
+    resume: ResumeCheck | None = None
+    stats: list[TensorStats] | None = None
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what the readers found wrong in files
+
+    @property
+    def ok(self) -> bool:
+        """No reader problem and no unexplained disagreement in the resume check."""
+        return not self.problems and (self.resume is None or self.resume.ok)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "url": self.url,
+            "name": self.name,
+            "layout": self.layout,
+            "ok": self.ok,
+            "views": list(self.views),
+        }
+        sections = {
+            "model": {"models": self.models},
+            "optimizer": {"optimizers": self.optimizers, "zero": self.zero},
+            "scheduler": {"schedulers": self.schedulers},
+            "scaler": {"scalers": self.scalers},
+            "rng": {"rng": self.rng},
+            "trainer_state": {"trainer_state": self.trainer_state},
+        }
+        for view in self.views:
+            data.update(sections[view])
+        if self.resume is not None:
+            data["resume"] = {
+                "ok": self.resume.ok,
+                "checks": [
+                    {
+                        "quantity": c.quantity,
+                        "reference": c.reference,
+                        "status": c.status,
+                        "readings": c.readings,
+                    }
+                    for c in self.resume.checks
+                ],
+            }
+        if self.stats is not None:
+            data["stats"] = self.stats
+        data.update(notes=self.notes, problems=self.problems)
+        return _jsonable(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if type(value) is float and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or inf; say what it was
+    return value

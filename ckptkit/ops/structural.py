@@ -1,0 +1,230 @@
+"""Verify a checkpoint that has no ckptkit manifest, with every check its own files allow.
+
+Most checkpoints in the wild were written by torch, DeepSpeed, HF Trainer or DCP and record no
+content digests, so bit rot cannot be ruled out; but much can still be proven from the files
+themselves: every zip record against its CRC-32 (torch.load never checks them), zip directories
+and record bounds, tensor views against their storage records, safetensors layout rules, HF
+index files against their shards, DCP ``.metadata`` against its ``.distcp`` files, and that a
+DeepSpeed tag holds every rank's model and optimizer file for the world size its files state.
+Files are read through the Store, so this works the same on local disk and S3.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptkit.errors import FormatError
+from ckptkit.formats import zipfile_reader as zr
+from ckptkit.formats.dcp import METADATA, read_dcp
+from ckptkit.formats.hf_index import read_hf_index
+from ckptkit.formats.safetensors import read_safetensors_header
+from ckptkit.formats.sniff import detect
+from ckptkit.formats.torchfile import TorchFile, read_torch_file
+from ckptkit.ops.verify import Finding, VerifyReport
+from ckptkit.storage import Store
+
+MAX_JSON_BYTES = 64 << 20
+# Extensions that promise a checkpoint format: unknown content behind one is a finding.
+_CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors", ".distcp"})
+_MODEL_STATES = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+_OPTIM_STATES = re.compile(r"(\w*?)zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+NO_DIGESTS = (
+    "no ckptkit manifest: only structural checks ran, and no content digests were available "
+    "to compare against; 'ckptkit index' records them for later verifies"
+)
+
+
+@dataclass
+class _Context:
+    store: Store
+    report: VerifyReport
+    torch_files: dict[str, TorchFile] = field(default_factory=dict)
+    # DCP data files, checked against their .metadata; their bytes are DCP's own layout.
+    dcp_data: set[str] = field(default_factory=set)
+
+    def error(self, path: str, kind: str, message: str) -> None:
+        self.report.findings.append(Finding(path, kind, message))
+
+    def warn(self, path: str, kind: str, message: str) -> None:
+        self.report.findings.append(Finding(path, kind, message, "warning"))
+
+
+def verify_structure(store: Store, keys: list[str] | None = None) -> VerifyReport:
+    """Check every file below ``store`` (or just ``keys``) for internal consistency; no manifest
+    is needed."""
+    started = time.perf_counter()
+    url = f"{store.url.rstrip('/')}/{keys[0]}" if keys and len(keys) == 1 else store.url
+    ctx = _Context(store, VerifyReport(url=url, status="failed"))
+    keys = sorted(info.key for info in store.list("")) if keys is None else sorted(keys)
+    ctx.report.layout = _layout(keys)
+    # .metadata first: the data files it names are checked by the DCP reader, not sniffed.
+    for key in sorted(keys, key=lambda k: posixpath.basename(k) != METADATA):
+        if key in ctx.dcp_data:
+            continue
+        try:
+            _check_file(ctx, key)
+        except FormatError as exc:
+            ctx.error(key, "format", str(exc))
+    _check_deepspeed(ctx, keys)
+    _check_latest(ctx, keys)
+    ctx.report.files_checked = len(keys)
+    ctx.warn("", "no-manifest", NO_DIGESTS)
+    ctx.report.status = "structural-ok" if ctx.report.ok else "failed"
+    ctx.report.seconds = time.perf_counter() - started
+    return ctx.report
+
+
+def _layout(keys: list[str]) -> str:
+    names = {posixpath.basename(k) for k in keys}
+    if any(_MODEL_STATES.search(n) for n in names):
+        return "deepspeed"
+    if "trainer_state.json" in names:
+        return "hf-trainer"
+    return "dcp" if METADATA in names else "files"
+
+
+# --- one file ---------------------------------------------------------------------------------
+
+
+_CHECKPOINT_KINDS = frozenset(
+    {"torch-zip", "torchscript", "torch-legacy", "pickle", "dcp-metadata", "safetensors", "npy"}
+)
+
+
+def _check_file(ctx: _Context, key: str) -> None:
+    found = detect(ctx.store, key)
+    if found.bad:
+        suffix = posixpath.splitext(key)[1].lower()
+        if found.kind != "unknown" or suffix in _CHECKPOINT_SUFFIXES:
+            ctx.error(key, found.kind, found.detail)
+        return
+    if found.kind in _CHECKPOINT_KINDS:
+        ctx.report.checkpoint_files = (ctx.report.checkpoint_files or 0) + 1
+    if found.kind in ("torch-zip", "torchscript", "zip"):
+        _check_zip(ctx, key)
+    if found.kind in ("torch-zip", "torch-legacy", "pickle"):
+        torch_file = read_torch_file(ctx.store, key)
+        ctx.torch_files[key] = torch_file
+        for problem in torch_file.problems:
+            if "CRC-32" not in problem:  # _check_zip reported every record's CRC already
+                ctx.error(key, "tensor" if "storage" in problem or "view" in problem else "pickle", problem)
+    elif found.kind == "dcp-metadata":
+        prefix = posixpath.dirname(key)
+        checkpoint = read_dcp(ctx.store, prefix)
+        ctx.dcp_data.update(posixpath.join(prefix, name) for name in checkpoint.files)
+        for problem in checkpoint.problems:
+            ctx.error(key, "dcp", problem)
+    elif found.kind == "safetensors":
+        header = read_safetensors_header(ctx.store, key, strict=False)
+        for problem in header.problems:
+            ctx.error(key, "safetensors", problem)
+    elif found.kind == "json":
+        _check_json(ctx, key)
+
+
+def _check_zip(ctx: _Context, key: str) -> None:
+    archive = zr.read_zip(ctx.store, key)  # directory and record bounds: FormatError if broken
+    for problem in archive.problems:
+        ctx.error(key, "zip", problem)
+    for entry in archive.entries:
+        if entry.crc32 == 0 and entry.size:
+            ctx.warn(key, "crc", f"{entry.name}: no CRC-32 recorded (written with CRCs off); not checked")
+            continue
+        ctx.report.bytes_checked += entry.compressed_size
+        if not zr.crc_check(ctx.store, entry):
+            ctx.error(key, "crc", f"{entry.name}: fails its CRC-32 check: the bytes changed after writing")
+
+
+def _check_json(ctx: _Context, key: str) -> None:
+    size = ctx.store.head(key).size
+    if size > MAX_JSON_BYTES:
+        return
+    try:
+        document = json.loads(ctx.store.get(key))
+    except (ValueError, RecursionError) as exc:
+        ctx.error(key, "json", f"not valid JSON: {exc}")
+        return
+    if key.endswith(".index.json") and isinstance(document, dict) and "weight_map" in document:
+        for problem in read_hf_index(ctx.store, key).problems:
+            ctx.error(key, "hf-index", problem)
+
+
+# --- across files -------------------------------------------------------------------------------
+
+
+def _check_deepspeed(ctx: _Context, keys: list[str]) -> None:
+    """Every rank's model and optimizer file, for the data- and model-parallel sizes the files state."""
+    by_dir: dict[str, list[str]] = {}
+    for key in keys:
+        by_dir.setdefault(posixpath.dirname(key), []).append(posixpath.basename(key))
+    for directory, names in sorted(by_dir.items()):
+        models = sorted(n for n in names if _MODEL_STATES.search(n))
+        if models:
+            _check_tag(ctx, directory, set(names), models)
+
+
+def _check_tag(ctx: _Context, directory: str, names: set[str], models: list[str]) -> None:
+    first = posixpath.join(directory, models[0])
+    state = ctx.torch_files.get(first)
+    value = state.value if state is not None else None
+    dp, mp = _count(value, "dp_world_size"), _count(value, "mp_world_size")
+    if dp is None or mp is None:
+        ctx.error(first, "deepspeed", "model states state no dp_world_size / mp_world_size")
+        return
+    config = value.get("ds_config") if isinstance(value, dict) else None
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    optims = [m for m in map(_OPTIM_STATES.search, names) if m]
+    prefix = optims[0].group(1) if optims else ""
+    expected: list[str] = []
+    for m in range(mp):
+        if stage == 3:
+            expected += [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp)]
+        else:
+            expected.append(f"mp_rank_{m:02d}_model_states.pt")
+        if stage:
+            expected += [f"{prefix}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for d in range(dp)]
+    missing = [n for n in expected if n not in names]
+    for name in missing:
+        ctx.error(
+            posixpath.join(directory, name),
+            "deepspeed",
+            f"{name} is missing: ZeRO stage {stage} with dp_world_size {dp}, mp_world_size {mp} "
+            "writes one per rank",
+        )
+    for match in optims:
+        _check_partition_count(ctx, posixpath.join(directory, match.group(0)), dp)
+
+
+def _check_partition_count(ctx: _Context, key: str, dp: int) -> None:
+    torch_file = ctx.torch_files.get(key)
+    value = torch_file.value if torch_file is not None else None
+    state = value.get("optimizer_state_dict") if isinstance(value, dict) else None
+    counts = state.get("partition_count") if isinstance(state, dict) else None
+    counts = [counts] if type(counts) is int else counts
+    if isinstance(counts, list) and any(c != dp for c in counts):
+        ctx.error(key, "deepspeed", f"partition_count {counts} differs from dp_world_size {dp}")
+
+
+def _check_latest(ctx: _Context, keys: list[str]) -> None:
+    """DeepSpeed's ``latest`` names a tag directory beside it; it must exist and stay inside."""
+    for key in keys:
+        base = posixpath.dirname(key)
+        beside = [k for k in keys if k.startswith(f"{base}/" if base else "")]
+        if posixpath.basename(key) != "latest" or not any(_MODEL_STATES.search(k) for k in beside):
+            continue
+        tag = ctx.store.get(key, 0, 4096).decode("utf-8", "replace").strip()
+        if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
+            ctx.error(key, "deepspeed", f"latest names {tag!r}, not a tag directory beside it")
+        elif not any(k.startswith(posixpath.join(base, tag) + "/") for k in beside):
+            ctx.error(key, "deepspeed", f"latest names tag {tag!r}, which has no files")
+
+
+def _count(value: Any, name: str) -> int | None:
+    found = value.get(name) if isinstance(value, dict) else None
+    return found if type(found) is int and found > 0 else None

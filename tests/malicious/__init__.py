@@ -1,0 +1,1 @@
+"""A corpus of malicious checkpoint files, built on demand by :mod:`tests.malicious.corpus`."""
