@@ -1,0 +1,417 @@
+"""DeepSpeed checkpoints written and read through a ckptkit store, committed once for all ranks.
+
+``engine.save_checkpoint`` hands every file it writes to its *checkpoint engine*
+(``create`` → ``save``\\* → ``commit``). :class:`CkptkitCheckpointEngine` replaces DeepSpeed's
+``torch.save``-to-a-path engine:
+
+* ``create`` (all ranks): rank 0 opens a :class:`~ckptkit.commit.CheckpointTransaction` for
+  ``<root>/<tag>`` and tells the other ranks where its files go (the local staging directory or
+  the object-store attempt prefix ``ckptkit-<id>/``), so all ranks write into one attempt.
+* ``save`` (each rank): the state dict is serialised and streamed into the store, hashed on the
+  way; the rank keeps the :class:`~ckptkit.manifest.FileEntry` of each file.
+* ``commit`` (all ranks): the entries are gathered on a dedicated gloo group that has its own
+  timeout (this is the barrier); rank 0 commits ONE manifest listing every rank's files (layout
+  ``deepspeed``, topology: dp/mp world sizes and ZeRO stage), then writes ``latest`` through the
+  store. A rank that raised or died never reaches the gather, so the survivors get
+  :class:`DistributedCommitError` (at the latest after ``timeout_s``) and nothing is committed.
+
+DeepSpeed also writes some files itself with plain file I/O, outside the checkpoint engine: the
+``latest`` file (``save_checkpoint(save_latest=True)``) and the ``zero_to_fp32.py`` /
+``zero_to_torch.py`` recovery scripts. :func:`save_checkpoint` therefore gives DeepSpeed a
+throw-away local scratch directory as its ``save_dir``: those plain writes land there and are
+discarded, while the checkpoint files (which all go through the engine) land in the store. The
+store's ``latest`` is written by :meth:`CkptkitCheckpointEngine.commit`, after the manifest is
+committed, and is never trusted when read (:func:`resolve_tag` checks its target is committed).
+The recovery scripts are not stored: ``ckptkit`` consolidates ZeRO checkpoints itself.
+
+Loading: DeepSpeed finds files with ``glob``/``os.path.exists`` on local paths, so
+:func:`load_checkpoint` builds a local *shadow* directory of empty placeholders named after the
+manifest's files; the engine's ``load`` maps each placeholder back to its store object, reads it,
+checks it against the manifest's digest and hands it to ``torch.load(weights_only=True)`` inside
+:func:`ckptkit.safe.safe_globals`, which admits DeepSpeed's vetted classes (``LossScaler``,
+``DynamicLossScaler``, ``ZeroStageEnum``, ``fragment_address``) instead of turning safety off.
+Each rank reads only the files DeepSpeed asks it for.
+
+Limits: each file is serialised in memory before it is streamed (memory bounded by the largest
+file a rank writes, as with ``torch.save``); ``load_checkpoint(load_module_only=True)`` at ZeRO-3
+and NVMe offload read files by path outside the engine and are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+
+from ckptkit.catalog import list_checkpoints, read_manifest, step_from_name
+from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction
+from ckptkit.errors import (
+    ChecksumMismatchError,
+    CkptkitError,
+    ManifestError,
+    NotCommittedError,
+    NotFoundError,
+)
+from ckptkit.hashing import StreamingDigest, digest_bytes
+from ckptkit.manifest import FileEntry, Manifest, validate_path
+from ckptkit.safe import safe_globals
+from ckptkit.storage import Store, open_store
+from ckptkit.storage.base import join_key
+
+__all__ = [
+    "LATEST_NAME",
+    "LAYOUT",
+    "CkptkitCheckpointEngine",
+    "DistributedCommitError",
+    "load_checkpoint",
+    "resolve_tag",
+    "save_checkpoint",
+    "use_ckptkit",
+]
+
+LAYOUT = "deepspeed"
+LATEST_NAME = "latest"  # DeepSpeed's own name, so tools that read it keep working
+DEFAULT_TIMEOUT_S = 300.0
+
+log = logging.getLogger(__name__)
+
+
+class DistributedCommitError(CkptkitError, RuntimeError):
+    """A multi-rank save was not committed: a rank failed, died or timed out, or the commit failed."""
+
+
+@dataclass
+class _SaveAttempt:
+    """What one rank knows about the save in progress between ``create`` and ``commit``."""
+
+    tag: str
+    save_dir: str  # DeepSpeed's save_dir as an absolute path: only used to name files
+    files: Store  # where this attempt's files go (shared by all ranks)
+    data_prefix: str  # the attempt prefix inside the checkpoint ("" for local staging)
+    transaction: CheckpointTransaction | None  # rank 0 only
+    entries: list[FileEntry] = field(default_factory=list)
+
+
+class CkptkitCheckpointEngine(CheckpointEngine):
+    """A DeepSpeed checkpoint engine that writes into, and reads from, a ckptkit store.
+
+    Construct it on every rank at the same point (it creates a process group): use
+    :func:`use_ckptkit`. ``timeout_s`` bounds how long a rank waits for the others at the commit.
+    """
+
+    def __init__(
+        self,
+        root_url: str | os.PathLike[str] | Store,
+        *,
+        engine: Any = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        **storage_options: Any,
+    ) -> None:
+        super().__init__(None)
+        self.name = "CkptkitCheckpointEngine"
+        self.root: Store = open_store(root_url, **storage_options)
+        self.timeout = dt.timedelta(seconds=timeout_s)
+        self._engine = engine  # the DeepSpeed engine, for the manifest's step and topology
+        # A gloo group of its own: its timeout applies to the commit barrier whatever the training
+        # backend's is (NCCL's or gloo's default is 30 min), and object collectives on gloo need no GPU.
+        self._group = dist.new_group(backend="gloo", timeout=self.timeout) if dist.is_initialized() else None
+        self._save: _SaveAttempt | None = None
+        self._load_map: dict[str, tuple[Store, FileEntry]] = {}
+        self.last_committed: str | None = None
+
+    # --- collectives -------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self._group is not None else 0
+
+    def _broadcast_from_0(self, value: Any) -> Any:
+        if self._group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    # --- save --------------------------------------------------------------------------------
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        # Store keys need no directories. Creating DeepSpeed's <save_dir>/<tag> would even put an
+        # empty directory where a local commit renames its staging directory. Only save_dir itself
+        # (asked for before ``create``) is made, as DeepSpeed copies its recovery scripts into it.
+        if self._save is None and "://" not in str(path):
+            os.makedirs(path, exist_ok=True)
+
+    def create(self, info: CheckpointCommitInfo) -> None:
+        tag = validate_path(str(info.tag))
+        opened: tuple[str, str] | str
+        transaction = None
+        if self.rank == 0:
+            try:
+                transaction = CheckpointTransaction(self.root, tag)
+                # Public attributes only: the files store's place relative to the root.
+                files_key = transaction.files.url[len(self.root.url) :].strip("/")
+                opened = (files_key, transaction.data_prefix)
+            except Exception as exc:  # every rank must learn of it, or the others would wait
+                opened = f"{type(exc).__name__}: {exc}"
+        else:
+            opened = ""
+        opened = self._broadcast_from_0(opened)
+        if isinstance(opened, str):
+            raise DistributedCommitError(f"{self.root.url}/{tag}: cannot start the save: {opened}")
+        files_key, data_prefix = opened
+        self._save = _SaveAttempt(
+            tag=tag,
+            save_dir=os.path.abspath(str(info.save_dir)),
+            files=self.root.child(files_key),
+            data_prefix=data_prefix,
+            transaction=transaction,
+        )
+
+    def _key_for(self, attempt: _SaveAttempt, path: str) -> str:
+        relative = os.path.relpath(os.path.abspath(path), attempt.save_dir).replace(os.sep, "/")
+        prefix = attempt.tag + "/"
+        if not relative.startswith(prefix):
+            raise ValueError(f"{path}: DeepSpeed saved a file outside {attempt.save_dir}/{attempt.tag}")
+        return validate_path(relative[len(prefix) :])
+
+    def save(self, state_dict: Any, path: str) -> None:
+        attempt = self._save
+        if attempt is None:
+            raise RuntimeError("CkptkitCheckpointEngine.save called outside save_checkpoint (no create)")
+        key = self._key_for(attempt, path)
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        hasher = StreamingDigest()
+        attempt.files.put(key, hasher.tee([buffer.getbuffer()]))
+        attempt.entries.append(FileEntry.from_digest(join_key(attempt.data_prefix, key), hasher.result()))
+
+    def commit(self, info: CheckpointCommitInfo) -> bool:
+        attempt, self._save = self._save, None
+        if attempt is None:
+            raise RuntimeError("CkptkitCheckpointEngine.commit called without create")
+        where = f"{self.root.url}/{attempt.tag}"
+        try:
+            gathered: list[Any] = [attempt.entries]
+            if self._group is not None:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, attempt.entries, group=self._group)
+        except Exception as exc:  # a dead peer (connection reset) or a timeout
+            if attempt.transaction is not None:
+                attempt.transaction.abort()
+            raise DistributedCommitError(
+                f"{where}: not committed: a rank failed, died or did not reach the commit within "
+                f"{self.timeout.total_seconds():g} s ({type(exc).__name__}: {exc})"
+            ) from exc
+
+        status = "ok"
+        if attempt.transaction is not None:
+            try:
+                attempt.transaction.add_entries(e for entries in gathered for e in entries)
+                attempt.transaction.commit(
+                    step=self._step(attempt.tag),
+                    layout=LAYOUT,
+                    topology=self._topology(),
+                    metadata={"tag": attempt.tag, "deepspeed_version": _deepspeed_version()},
+                )
+                if info.save_latest:
+                    # After the commit: a crash before this line leaves `latest` at the previous tag.
+                    self.root.put(LATEST_NAME, attempt.tag.encode())
+            except Exception as exc:
+                attempt.transaction.abort()  # a no-op once committed
+                status = f"{type(exc).__name__}: {exc}"
+        status = self._broadcast_from_0(status)
+        if status != "ok":
+            raise DistributedCommitError(f"{where}: commit failed on rank 0: {status}")
+        self.last_committed = attempt.tag
+        return True
+
+    def _step(self, tag: str) -> int | None:
+        if self._engine is not None:
+            return int(self._engine.global_steps)
+        return step_from_name(tag)
+
+    def _topology(self) -> dict[str, Any] | None:
+        engine = self._engine
+        if engine is None:
+            return {"world_size": dist.get_world_size() if self._group is not None else 1}
+        return {
+            "world_size": int(engine.world_size),
+            "dp_world_size": int(engine.dp_world_size),
+            "mp_world_size": int(engine.mp_world_size),
+            "zero_stage": int(engine.zero_optimization_stage()),
+        }
+
+    # --- load --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def shadow(self, tag: str) -> Iterator[str]:
+        """A local directory DeepSpeed can ``glob``: ``<dir>/<tag>/<file>`` placeholders for the
+        files of committed checkpoint ``tag``; :meth:`load` reads the real bytes from the store."""
+        checkpoint = self.root.child(validate_path(tag))
+        manifest = read_manifest(checkpoint)
+        local = tempfile.mkdtemp(prefix="ckptkit-ds-load-")
+        try:
+            for entry in manifest.files:
+                parts = entry.path.split("/")
+                if len(parts) > 1 and ATTEMPT_RE.match(parts[0]):
+                    parts = parts[1:]  # the object-store attempt prefix is not part of DeepSpeed's name
+                placeholder = os.path.join(local, tag, *parts)
+                os.makedirs(os.path.dirname(placeholder), exist_ok=True)
+                open(placeholder, "wb").close()
+                self._load_map[os.path.abspath(placeholder)] = (checkpoint, entry)
+            yield local
+        finally:
+            self._load_map.clear()
+            shutil.rmtree(local, ignore_errors=True)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        target = self._load_map.get(os.path.abspath(path))
+        if target is None:
+            raise NotFoundError(f"{path}: not a file of a committed checkpoint opened by ckptkit")
+        checkpoint, entry = target
+        data = checkpoint.get(entry.path)
+        actual = digest_bytes(data)
+        if actual.size != entry.size or actual.digest != entry.digest:
+            raise ChecksumMismatchError(
+                f"{checkpoint.url}/{entry.path}", entry.digest, actual.digest, (0, len(data))
+            )
+        with safe_globals():
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return str(deepspeed.__version__)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def use_ckptkit(
+    engine: Any,
+    root_url: str | os.PathLike[str] | Store,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    **storage_options: Any,
+) -> CkptkitCheckpointEngine:
+    """Install a :class:`CkptkitCheckpointEngine` on DeepSpeed ``engine``. Call it on every rank."""
+    checkpoint_engine = CkptkitCheckpointEngine(
+        root_url, engine=engine, timeout_s=timeout_s, **storage_options
+    )
+    engine.checkpoint_engine = checkpoint_engine
+    return checkpoint_engine
+
+
+def _installed(engine: Any, root_url: str | os.PathLike[str] | Store | None) -> CkptkitCheckpointEngine:
+    current = engine.checkpoint_engine
+    if isinstance(current, CkptkitCheckpointEngine) and (
+        root_url is None or open_store(root_url).url == current.root.url
+    ):
+        return current
+    if root_url is None:
+        raise ValueError("no ckptkit checkpoint engine installed: pass root_url or call use_ckptkit first")
+    return use_ckptkit(engine, root_url)
+
+
+def save_checkpoint(
+    engine: Any,
+    root_url: str | os.PathLike[str] | Store | None = None,
+    tag: str | None = None,
+    client_state: dict[str, Any] | None = None,
+    *,
+    save_latest: bool = True,
+    exclude_frozen_parameters: bool = False,
+) -> str:
+    """``engine.save_checkpoint`` into the ckptkit store; returns the committed tag. Every rank calls it.
+
+    DeepSpeed gets a scratch directory as ``save_dir``: its plain-file writes (its own ``latest``,
+    the recovery scripts) go there and are discarded; ``latest`` in the store is written by the
+    checkpoint engine after the commit. Raises :class:`DistributedCommitError` on every surviving
+    rank if any rank fails.
+    """
+    checkpoint_engine = _installed(engine, root_url)
+    with tempfile.TemporaryDirectory(prefix="ckptkit-ds-save-") as scratch:
+        engine.save_checkpoint(
+            scratch,
+            tag=tag,
+            client_state=client_state or {},
+            save_latest=save_latest,
+            exclude_frozen_parameters=exclude_frozen_parameters,
+        )
+    assert checkpoint_engine.last_committed is not None
+    return checkpoint_engine.last_committed
+
+
+def resolve_tag(root: Store, tag: str | None = None) -> str | None:
+    """The committed DeepSpeed checkpoint to load: ``tag`` (which must be committed), else the one
+    ``latest`` names if it is committed, else the newest committed one; None if there is none."""
+    if tag is not None:
+        read_manifest(root.child(validate_path(tag)))  # NotCommittedError if it is not committed
+        return tag
+    try:
+        pointed: str | None = root.get(LATEST_NAME).decode("utf-8").strip()
+    except (NotFoundError, UnicodeDecodeError):
+        pointed = None
+    if pointed:
+        try:
+            if read_manifest(root.child(validate_path(pointed))).layout == LAYOUT:
+                return pointed
+        except (NotCommittedError, ManifestError, NotFoundError) as exc:
+            log.warning(
+                "%s/%s names %r, which is not committed (%s); using the newest committed checkpoint",
+                root.url,
+                LATEST_NAME,
+                pointed,
+                exc,
+            )
+    committed = [
+        c
+        for c in list_checkpoints(root)
+        if c.committed and isinstance(c.manifest, Manifest) and c.manifest.layout == LAYOUT
+    ]
+    return committed[-1].name if committed else None
+
+
+def load_checkpoint(
+    engine: Any,
+    root_url: str | os.PathLike[str] | Store | None = None,
+    tag: str | None = None,
+    **load_options: Any,
+) -> tuple[str | None, dict[str, Any] | None]:
+    """``engine.load_checkpoint`` from the latest committed checkpoint (or ``tag``) in the store.
+
+    Every rank calls it. Returns ``(checkpoint_url, client_state)``, or ``(None, None)`` when the
+    root holds no committed DeepSpeed checkpoint (as DeepSpeed does when there is no ``latest``).
+    ``load_options`` go to ``engine.load_checkpoint`` (``load_optimizer_states`` ...).
+    """
+    checkpoint_engine = _installed(engine, root_url)
+    resolved: str | tuple[str] | None
+    if checkpoint_engine.rank == 0:  # one rank decides, so all load the same checkpoint
+        try:
+            resolved = resolve_tag(checkpoint_engine.root, tag)
+        except Exception as exc:
+            resolved = (f"{type(exc).__name__}: {exc}",)
+    else:
+        resolved = None
+    resolved = checkpoint_engine._broadcast_from_0(resolved)
+    if isinstance(resolved, tuple):
+        raise NotCommittedError(f"{checkpoint_engine.root.url}: cannot load {tag or 'latest'}: {resolved[0]}")
+    if resolved is None:
+        return None, None
+    with checkpoint_engine.shadow(resolved) as local:
+        load_path, client_state = engine.load_checkpoint(local, tag=resolved, **load_options)
+    if load_path is None:
+        return None, None
+    return checkpoint_engine.root.child(resolved).url, client_state
