@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -112,3 +114,43 @@ def test_dcp_missing_data_file(tmp_path: Path) -> None:
     next((tmp_path / "dcp").glob("*.distcp")).unlink()
     errors = _errors(tmp_path / "dcp")
     assert any(e.startswith("dcp:") and "missing" in e for e in errors), errors
+
+
+def _verify_cli(path: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "ckptkit", "verify", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_deepspeed_defects_through_the_cli(deepspeed_checkpoints, tmp_path: Path) -> None:
+    case = deepspeed_checkpoints["z2_fp16_overflow"]
+    pristine = tmp_path / "pristine"
+    shutil.copytree(case.save_dir, pristine)
+    intact = _verify_cli(pristine)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+
+    def broken(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(case.save_dir, copy)
+        return copy
+
+    truncated = broken("truncated")
+    partition = next((truncated / case.tag).glob("*zero_pp_rank_1_*optim_states.pt"))
+    partition.write_bytes(partition.read_bytes()[: partition.stat().st_size // 2])
+    out = _verify_cli(truncated)
+    assert out.returncode == 1 and partition.name in out.stdout, out.stdout
+
+    dangling = broken("dangling")
+    (dangling / "latest").write_text("global_step999")
+    out = _verify_cli(dangling)
+    assert out.returncode == 1 and "latest names tag 'global_step999', which has no files" in out.stdout
+
+    escaping = broken("escaping")
+    (escaping / "latest").write_text("../../etc")
+    out = _verify_cli(escaping)
+    assert out.returncode == 1 and "latest names '../../etc', not a tag directory" in out.stdout
+
+    mixed = broken("mixed")
+    (mixed / case.tag).rename(mixed / "global_step1")
+    (mixed / "latest").write_text("global_step1")
+    out = _verify_cli(mixed)
+    assert out.returncode == 1 and "tag global_step1 holds global_steps" in out.stdout, out.stdout

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ckptkit.cli.common import handles_errors, json_option, storage_options
+from ckptkit.cli.consolidate_cmd import consolidate_command
 from ckptkit.cli.inspect_cmd import inspect_command
 from ckptkit.cli.render import emit_json, format_bytes, table
 from ckptkit.cli.safety_cmds import doctor_command, scan_command
@@ -208,7 +209,7 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
     return EXIT_OK
 
 
-for command in (inspect_command, scan_command, doctor_command):
+for command in (inspect_command, scan_command, doctor_command, consolidate_command):
     cli.add_command(command)
 
 

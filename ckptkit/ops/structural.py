@@ -33,6 +33,7 @@ MAX_JSON_BYTES = 64 << 20
 _CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors", ".distcp"})
 _MODEL_STATES = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM_STATES = re.compile(r"(\w*?)zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_GLOBAL_STEP_TAG = re.compile(r"global_step(\d+)")
 NO_DIGESTS = (
     "no ckptkit manifest: only structural checks ran, and no content digests were available "
     "to compare against; 'ckptkit index' records them for later verifies"
@@ -199,6 +200,16 @@ def _check_tag(ctx: _Context, directory: str, names: set[str], models: list[str]
         )
     for match in optims:
         _check_partition_count(ctx, posixpath.join(directory, match.group(0)), dp)
+    _check_tag_step(ctx, first, directory, value)
+
+
+def _check_tag_step(ctx: _Context, key: str, directory: str, value: Any) -> None:
+    """A ``global_stepN`` tag must hold the state of step N: a mismatch means files were moved
+    or mixed between tags."""
+    tag_step = _GLOBAL_STEP_TAG.fullmatch(posixpath.basename(directory))
+    steps = value.get("global_steps") if isinstance(value, dict) else None
+    if tag_step and type(steps) is int and steps != int(tag_step.group(1)):
+        ctx.error(key, "deepspeed", f"tag {posixpath.basename(directory)} holds global_steps {steps}")
 
 
 def _check_partition_count(ctx: _Context, key: str, dp: int) -> None:

@@ -1,0 +1,882 @@
+"""``consolidate``: a DeepSpeed ZeRO checkpoint as one fp32 (or bf16/fp16) HF-style state dict.
+
+The algorithm is ``zero_to_fp32``'s (formats.md §10.5), but nothing is unpickled: the optimizer
+and model-states files go through ckptkit's symbolic reader, which says where each flat fp32
+partition's bytes lie in its file, and every output tensor is then described as a list of byte
+ranges ("pieces") in the rank files. Writing reads one tensor's pieces at a time with ranged
+reads, casts it and streams it into the output shard, so peak memory is about one tensor (plus
+the symbolic trees), never the model.
+
+Differences from DeepSpeed's tool, on purpose:
+
+* **Frozen parameters at stage 1** are recovered from rank 0's ``module`` (stored in the
+  training dtype); ``zero_to_fp32`` silently drops them.
+* **One output dtype**: every floating tensor (trainable, frozen, buffer) is cast to ``dtype``,
+  as HF checkpoints are; ``zero_to_fp32``'s library API keeps frozen params in the training
+  dtype. Upcasting bf16/fp16 to fp32 is exact, so nothing is lost.
+* **Tied parameters** (``shared_params``, alias -> source): safetensors cannot store aliases, and
+  HF's ``save_pretrained`` drops the alias, relying on the model class to re-tie it. A consumer of
+  a consolidated checkpoint may have no model class, so both names are written (the alias as a
+  copy, in the same shard as its source) and the alias map is recorded in the safetensors
+  metadata and the index metadata (``ckptkit.shared_params``). ``--format torch`` stores both
+  names as one shared tensor, which ``torch.save`` preserves.
+
+The output is committed through :class:`CheckpointTransaction` (layout ``files``), after every
+written tensor has been re-read from the staged files and compared (by BLAKE2b digest of its
+bytes) with what was meant to be written; a mismatch aborts the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptkit.commit import CheckpointTransaction
+from ckptkit.errors import FormatError, InvalidURLError, NotFoundError, VerificationError
+from ckptkit.formats.dtypes import torch_itemsize
+from ckptkit.formats.torchfile import read_torch_file, top_level_tensors
+from ckptkit.ops.inspect.values import as_tensor
+from ckptkit.pickle import GlobalRef, TensorRef, VettedObject
+from ckptkit.storage import Store, open_store
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+FORMATS = ("safetensors", "torch")
+_ST_DTYPE = {
+    "float32": "F32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+_FLOATS = frozenset({"float32", "bfloat16", "float16", "float64"})
+_ZERO_STAGE = GlobalRef("deepspeed.runtime.zero.config", "ZeroStageEnum")
+_MODEL_STATES = re.compile(r"(?:^|_)model_states\.pt$")
+_OPTIM_STATES = re.compile(r"(?:^|_)optim_states\.pt$")
+_RANK = re.compile(r"(?:^|_)pp_rank_(\d+)_")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+READ_CHUNK = 16 << 20  # bytes per ranged read: bounds memory, large enough to stream at disk speed
+
+
+# --- the plan: each output tensor as byte ranges in the source files --------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``numel`` contiguous elements of ``dtype`` at byte ``offset`` of file ``key``."""
+
+    key: str
+    offset: int
+    numel: int
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    kind: str  # trainable | frozen | buffer | shared
+    shape: tuple[int, ...]
+    src_dtype: str
+    pieces: list[Piece]
+    source: str | None = None  # for kind "shared": the name this one aliases
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ZeroPlan:
+    store: Store
+    tag: str
+    stage: int
+    world_size: int
+    tensors: dict[str, PlannedTensor]  # in output order; aliases follow their source
+    shared_params: dict[str, str]
+    global_steps: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _contiguous_piece(key: str, ref: TensorRef, what: str) -> Piece:
+    """The one byte range of a contiguous tensor: where ranged reads can take it directly."""
+    storage = ref.storage
+    itemsize = torch_itemsize(ref.dtype)
+    if storage.byte_offset is None or storage.nbytes is None or itemsize is None:
+        raise FormatError(f"{key}: {what}: storage record missing or compressed")
+    expected, stride = 1, []
+    for d in reversed(ref.shape):
+        stride.append(expected)
+        expected *= d
+    if ref.numel > 1 and tuple(reversed(stride)) != tuple(ref.stride):
+        raise FormatError(f"{key}: {what} is not contiguous (stride {ref.stride}); not supported")
+    start = ref.storage_offset * itemsize
+    if start + ref.numel * itemsize > storage.nbytes:
+        raise FormatError(f"{key}: {what} runs past its storage")
+    return Piece(key, storage.byte_offset + start, ref.numel)
+
+
+class _Virtual:
+    """Several 1-D fp32 tensors back to back, addressed as one vector (a rank's flat groups)."""
+
+    def __init__(self, segments: list[Piece]) -> None:
+        self.segments = segments
+        self.length = sum(s.numel for s in segments)
+
+    def take(self, start: int, count: int, itemsize: int = 4) -> list[Piece]:
+        if start + count > self.length:
+            raise FormatError(
+                f"a parameter needs elements [{start}, {start + count}) of a flat partition of "
+                f"{self.length} elements: the shapes and the partitions disagree"
+            )
+        out, base = [], 0
+        for seg in self.segments:
+            lo, hi = max(start, base), min(start + count, base + seg.numel)
+            if lo < hi:
+                out.append(Piece(seg.key, seg.offset + (lo - base) * itemsize, hi - lo))
+            base += seg.numel
+        return out
+
+
+def _trim(pieces: list[Piece], numel: int) -> list[Piece]:
+    out, left = [], numel
+    for p in pieces:
+        if left <= 0:
+            break
+        n = min(p.numel, left)
+        out.append(Piece(p.key, p.offset, n))
+        left -= n
+    return out
+
+
+def _stage_of(value: Any) -> int | None:
+    if type(value) is VettedObject and value.cls == _ZERO_STAGE:
+        return int(value.args[0])
+    return value if type(value) is int else None
+
+
+def _natural(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _resolve_tag(store: Store, tag: str | None) -> tuple[str, list[str]]:
+    """The tag directory (key prefix) and its file names: explicit tag, else ``latest``, else SRC itself."""
+    names = [o.key for o in store.list("")]
+    if tag is None:
+        if any(_MODEL_STATES.search(n) for n in names if "/" not in n):
+            return "", [n for n in names if "/" not in n]
+        if "latest" not in names:
+            raise NotFoundError(f"{store.url}: no 'latest' file and no *_model_states.pt here; pass --tag")
+        tag = store.get("latest", 0, 1024).decode("utf-8", "replace").strip()
+    # The tag comes from a file or a user: one path component, never a path.
+    if not tag or tag in (".", "..") or any(c in tag for c in "/\\\0"):
+        raise InvalidURLError(f"tag {tag[:80]!r} is not a single directory name")
+    inside = [n[len(tag) + 1 :] for n in names if n.startswith(tag + "/")]
+    if not inside:
+        raise NotFoundError(f"{store.url}/{tag}: tag directory is missing or empty")
+    return tag, [n for n in inside if "/" not in n]
+
+
+def plan_zero(
+    src: str | os.PathLike[str] | Store, *, tag: str | None = None, **storage_options: Any
+) -> ZeroPlan:
+    """Read the ZeRO checkpoint's structure (pickles only, no tensor bytes) and plan every tensor."""
+    root = open_store(src, **storage_options)
+    tag, names = _resolve_tag(root, tag)
+    store = root.child(tag) if tag else root
+    optim = sorted((n for n in names if _OPTIM_STATES.search(n)), key=_natural)
+    models = sorted((n for n in names if _MODEL_STATES.search(n)), key=_natural)
+    if not optim or not models:
+        raise FormatError(
+            f"{store.url}: not a DeepSpeed ZeRO tag directory (no optimizer or model-states files)"
+        )
+    optim_values = [read_torch_file(store, k).value for k in optim]
+    osds = [v.get("optimizer_state_dict") if isinstance(v, dict) else None for v in optim_values]
+    if not all(isinstance(o, dict) for o in osds):
+        raise FormatError(f"{store.url}: an optimizer file has no optimizer_state_dict: not ZeRO")
+    stage = _stage_of(osds[0].get("zero_stage"))
+    count = osds[0].get("partition_count")
+    world = max(count) if isinstance(count, list) else count
+    if stage not in (1, 2, 3) or type(world) is not int:
+        raise FormatError(f"{store.url}: unsupported ZeRO stage {stage!r} / partition count {count!r}")
+    if world != len(optim):
+        raise FormatError(
+            f"{store.url}: partition count is {world} but {len(optim)} optimizer rank file(s) are present "
+            f"({', '.join(optim)}): a rank did not save, or files of another save are mixed in"
+        )
+    ranks = [_RANK.search(n) for n in optim]
+    if [int(m.group(1)) if m else None for m in ranks] != list(range(world)):
+        raise FormatError(f"{store.url}: optimizer files are not ranks 0..{world - 1}: {', '.join(optim)}")
+    if stage == 3:
+        models = [n for n in models if _RANK.search(n)]
+        if len(models) != world:
+            raise FormatError(f"{store.url}: ZeRO-3 needs {world} model-states files, found {len(models)}")
+    else:
+        mp0 = [n for n in models if n == "mp_rank_00_model_states.pt"]
+        if not mp0:
+            raise FormatError(f"{store.url}: mp_rank_00_model_states.pt is missing")
+        models = mp0
+    model_values = [read_torch_file(store, k).value for k in models]
+    m0 = model_values[0]
+    shapes = m0.get("param_shapes")
+    if not isinstance(shapes, list):
+        raise FormatError(f"{store.url}/{models[0]}: no param_shapes list")
+    groups = [_flat_groups(store, optim[r], osds[r]) for r in range(world)]
+
+    tensors: dict[str, PlannedTensor] = {}
+    if stage == 3:
+        _plan_stage3(tensors, shapes, groups)
+    else:
+        _plan_stage12(tensors, shapes, groups, osds, world)
+    notes: list[str] = []
+    _plan_frozen(tensors, store, stage, models, model_values, notes)
+    module = m0.get("module") if isinstance(m0.get("module"), dict) else {}
+    for name in m0.get("buffer_names") or []:
+        ref = as_tensor(module.get(name))
+        if ref is not None and name not in tensors:
+            tensors[name] = PlannedTensor(
+                name, "buffer", tuple(ref.shape), ref.dtype, [_contiguous_piece(models[0], ref, name)]
+            )
+    shared = {k: v for k, v in (m0.get("shared_params") or {}).items() if isinstance(k, str)}
+    ordered: dict[str, PlannedTensor] = {}
+    aliases_of: dict[str, list[str]] = {}
+    for alias, source in shared.items():
+        aliases_of.setdefault(source, []).append(alias)
+    for name, t in tensors.items():
+        if name in shared and name != shared[name]:
+            continue  # placed right after its source below
+        ordered[name] = t
+        for alias in aliases_of.get(name, []):
+            ordered[alias] = PlannedTensor(alias, "shared", t.shape, t.src_dtype, t.pieces, source=name)
+    for alias, source in shared.items():
+        if source not in tensors:
+            notes.append(f"shared param {alias} -> {source}: the source is not in the checkpoint; skipped")
+    steps = m0.get("global_steps")
+    return ZeroPlan(
+        store, tag, stage, world, ordered, dict(shared), steps if type(steps) is int else None, notes
+    )
+
+
+def _flat_groups(store: Store, key: str, osd: dict[str, Any]) -> list[Piece]:
+    flat = osd.get("single_partition_of_fp32_groups", osd.get("fp32_flat_groups"))
+    if not isinstance(flat, list):
+        raise FormatError(
+            f"{key}: no flat fp32 partitions (single_partition_of_fp32_groups / fp32_flat_groups)"
+        )
+    pieces = []
+    for g, value in enumerate(flat):
+        ref = as_tensor(value)  # ZeRO-3 wraps its flat groups (ds_id attribute): see as_tensor
+        if ref is None or ref.dtype != "float32" or len(ref.shape) != 1:
+            raise FormatError(f"{key}: flat group {g} is not a 1-D fp32 tensor")
+        pieces.append(_contiguous_piece(key, ref, f"flat group {g}"))
+    return pieces
+
+
+def _plan_stage12(
+    tensors: dict[str, PlannedTensor],
+    shapes: list[Any],
+    groups: list[list[Piece]],
+    osds: list[dict[str, Any]],
+    world: int,
+) -> None:
+    for osd in osds:
+        for paddings in osd.get("param_alignment_paddings") or []:
+            if any(p for p in (paddings if isinstance(paddings, list) else [paddings])):
+                # Per-param alignment shifts every later param; consolidating back to back would be wrong.
+                raise FormatError(
+                    "param_alignment_paddings holds non-zero values (parameter_alignment was on): "
+                    "consolidating this layout is not supported"
+                )
+    for g, group_shapes in enumerate(shapes):
+        # Rank partitions are consecutive cuts of the group's flat buffer: concatenating them in rank
+        # order gives the buffer (saved lean, so the tail padding may be absent: walking from the
+        # start works either way).
+        try:
+            vector = _Virtual([groups[r][g] for r in range(world)])
+        except IndexError:
+            raise FormatError(f"param group {g}: a rank has fewer flat groups than param_shapes") from None
+        offset = 0
+        for name, shape in group_shapes.items():
+            t = PlannedTensor(name, "trainable", tuple(shape), "float32", [])
+            t.pieces = vector.take(offset, t.numel)
+            tensors[name] = t
+            offset += t.numel
+        align = 2 * world
+        if -(-offset // align) * align != -(-vector.length // align) * align:
+            raise FormatError(
+                f"param group {g}: params take {offset} elements but the partitions hold {vector.length}"
+            )
+
+
+def _plan_stage3(tensors: dict[str, PlannedTensor], shapes: list[Any], groups: list[list[Piece]]) -> None:
+    world = len(groups)
+    vectors = [_Virtual(rank_groups) for rank_groups in groups]
+    offset = 0
+    for group_shapes in shapes:
+        for name, shape in group_shapes.items():
+            t = PlannedTensor(name, "trainable", tuple(shape), "float32", [])
+            part = -(-t.numel // world)  # every rank holds ceil(numel / world) at the same offset
+            pieces = [p for v in vectors for p in v.take(offset, part)]
+            t.pieces = _trim(pieces, t.numel)
+            tensors[name] = t
+            offset += part
+    for r, v in enumerate(vectors):
+        if v.length != offset:
+            raise FormatError(f"rank {r}: params take {offset} elements but its flat groups hold {v.length}")
+
+
+def _plan_frozen(
+    tensors: dict[str, PlannedTensor],
+    store: Store,
+    stage: int,
+    models: list[str],
+    model_values: list[Any],
+    notes: list[str],
+) -> None:
+    m0 = model_values[0]
+    module = m0.get("module") if isinstance(m0.get("module"), dict) else {}
+    frozen_shapes = m0.get("frozen_param_shapes")
+    shared = m0.get("shared_params") or {}
+    buffers = set(m0.get("buffer_names") or [])
+    if stage == 1 or not isinstance(frozen_shapes, dict):
+        # Stage 1 records no frozen params at all: they exist only in `module`, in the training dtype.
+        # Every module entry that is not trainable, a buffer or a tied alias is a frozen param.
+        found = []
+        for name, value in module.items():
+            ref = as_tensor(value)
+            if ref is None or name in tensors or name in buffers or name in shared:
+                continue
+            tensors[name] = PlannedTensor(
+                name, "frozen", tuple(ref.shape), ref.dtype, [_contiguous_piece(models[0], ref, name)]
+            )
+            found.append(name)
+        if found:
+            notes.append(
+                f"frozen params recovered from rank 0's module (zero_to_fp32 drops them): {', '.join(found)}"
+            )
+        return
+    for name, shape in frozen_shapes.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        fragments = []
+        for key, value in zip(models, model_values, strict=True):
+            ref = as_tensor((value.get("frozen_param_fragments") or {}).get(name))
+            if ref is None:
+                raise FormatError(f"{key}: frozen param {name} has no fragment")
+            fragments.append((_contiguous_piece(key, ref, name), ref.dtype))
+            if stage != 3:
+                break  # stage 2: rank 0's fragment is the whole tensor
+        pieces = _trim([p for p, _ in fragments], numel)
+        if sum(p.numel for p in pieces) != numel:
+            raise FormatError(f"frozen param {name}: fragments hold fewer than its {numel} elements")
+        tensors[name] = PlannedTensor(name, "frozen", tuple(shape), fragments[0][1], pieces)
+
+
+# --- reading and casting ---------------------------------------------------------------------------
+
+
+def _chunks(store: Store, t: PlannedTensor) -> Iterator[bytes]:
+    """The tensor's bytes in its source dtype, in bounded ranged reads (element-aligned chunks)."""
+    itemsize = torch_itemsize(t.src_dtype) or 1
+    step = READ_CHUNK - READ_CHUNK % itemsize
+    for p in t.pieces:
+        n = p.numel * itemsize
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            data = store.get(p.key, p.offset + lo, p.offset + hi)
+            if len(data) != hi - lo:
+                raise FormatError(f"{p.key}: file ends inside a tensor at byte {p.offset + lo}")
+            yield data
+
+
+def out_dtype(src_dtype: str, dtype: str) -> str:
+    return dtype if src_dtype in _FLOATS else src_dtype
+
+
+def _cast(data: bytes, src: str, dst: str) -> bytes | memoryview:
+    """Raw little-endian elements of ``src`` as ``dst``, rounding as torch does; numpy only, no torch.
+
+    torch would cost seconds of import and hundreds of MB of RSS for what is a bit shuffle.
+    """
+    if src == dst:
+        return data
+    import numpy as np
+
+    if src == "bfloat16":  # bf16 is the top half of an fp32
+        wide = (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
+    elif src in ("float16", "float32", "float64"):
+        wide = np.frombuffer(data, dtype={"float16": "<f2", "float32": "<f4", "float64": "<f8"}[src])
+    else:
+        raise FormatError(f"cannot cast {src} to {dst}")
+    if dst == "bfloat16":
+        bits = wide.astype("<f4", copy=False).view("<u4")
+        # Round to nearest even, NaN to the canonical quiet NaN: c10's round_to_nearest_even.
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
+        rounded[np.isnan(wide)] = 0x7FC0
+        return memoryview(rounded).cast("B")
+    target = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}[dst]
+    return memoryview(wide.astype(target)).cast("B")
+
+
+def _out_chunks(store: Store, t: PlannedTensor, dtype: str) -> Iterator[bytes | memoryview]:
+    target = out_dtype(t.src_dtype, dtype)
+    for data in _chunks(store, t):
+        yield _cast(data, t.src_dtype, target)
+
+
+def _tensor(store: Store, t: PlannedTensor, dtype: str) -> Any:
+    import torch
+
+    target = out_dtype(t.src_dtype, dtype)
+    raw = bytearray()
+    for data in _out_chunks(store, t, dtype):
+        raw += data
+    torch_dtype = getattr(torch, target)
+    value = torch.frombuffer(raw, dtype=torch_dtype) if raw else torch.empty(0, dtype=torch_dtype)
+    return value.reshape(t.shape)
+
+
+def _as_bytes(value: Any) -> memoryview:
+    import torch
+
+    flat = value.contiguous().reshape(-1)
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.view(torch.int16)  # numpy has no bfloat16; the bytes are what matter
+    elif flat.dtype is torch.bool:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+class LazyStateDict(Mapping[str, Any]):
+    """A consolidated state dict whose tensors are read (ranged reads) and cast only when accessed.
+
+    Tied aliases load as their own tensor (equal values, not shared storage).
+    """
+
+    def __init__(self, store: Store, tensors: dict[str, PlannedTensor], dtype: str) -> None:
+        self._store, self._tensors, self._dtype = store, tensors, dtype
+
+    def __getitem__(self, name: str) -> Any:
+        return _tensor(self._store, self._tensors[name], self._dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name].shape
+
+
+def zero_state_dict(
+    src: str | os.PathLike[str] | Store,
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    **storage_options: Any,
+) -> LazyStateDict:
+    """The consolidated state dict of a ZeRO checkpoint, lazily: nothing is read until a value is accessed."""
+    plan = plan_zero(src, tag=tag, **storage_options)
+    return LazyStateDict(plan.store, plan.tensors, _dtype_name(dtype))
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    kind: str
+    ok: bool
+    problem: str | None = None
+
+
+@dataclass
+class ConsolidateResult:
+    url: str
+    source: str
+    tag: str
+    stage: int
+    world_size: int
+    dtype: str
+    format: str
+    files: list[str]
+    total_size: int
+    shared_params: dict[str, str]
+    checks: list[TensorCheck]
+    notes: list[str]
+    seconds: float
+    _output: Store | None = None
+    _entries: dict[str, PlannedTensor] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def state_dict(self) -> LazyStateDict:
+        """The written output as a lazy state dict (read back from OUT on access)."""
+        if self._output is None:
+            raise FormatError("no output to read")
+        return LazyStateDict(self._output, self._entries, self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "url": self.url,
+            "source": self.source,
+            "tag": self.tag,
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "dtype": self.dtype,
+            "format": self.format,
+            "files": self.files,
+            "total_size": self.total_size,
+            "shared_params": self.shared_params,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 3),
+            "tensors": [
+                {
+                    "name": c.name,
+                    "file": c.file,
+                    "dtype": c.dtype,
+                    "shape": list(c.shape),
+                    "nbytes": c.nbytes,
+                    "kind": c.kind,
+                    "ok": c.ok,
+                    **({"problem": c.problem} if c.problem else {}),
+                }
+                for c in self.checks
+            ],
+        }
+
+
+def parse_size(value: str | int) -> int:
+    """``"5GB"`` -> 5e9, ``"500MiB"`` -> 500 * 2**20 (HF's convention: GB is decimal)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise InvalidURLError(f"not a size: {value!r} (expected e.g. 5GB, 500MB, 2GiB)")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if size <= 0:
+        raise InvalidURLError(f"max shard size must be positive, got {value!r}")
+    return size
+
+
+def _dtype_name(dtype: str) -> str:
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in DTYPES.values():
+        return dtype
+    raise InvalidURLError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+
+
+def _shards(tensors: dict[str, PlannedTensor], dtype: str, limit: int) -> list[list[PlannedTensor]]:
+    """Greedy in state-dict order, as HF's splitter; a tensor and its aliases stay in one shard."""
+    units: list[list[PlannedTensor]] = []
+    for t in tensors.values():
+        if t.kind == "shared" and units and t.source in {u.name for u in units[-1]}:
+            units[-1].append(t)
+        else:
+            units.append([t])
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for unit in units:
+        nbytes = sum(t.numel * (torch_itemsize(out_dtype(t.src_dtype, dtype)) or 1) for t in unit)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].extend(unit)
+        size += nbytes
+    return shards
+
+
+def _names(count: int, fmt: str) -> list[str]:
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    if count == 1:
+        return [f"{stem}.{ext}"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1)]
+
+
+def _prefetched(chunks: Iterator[bytes | memoryview], depth: int = 2) -> Iterator[bytes | memoryview]:
+    """``chunks`` produced by a helper thread, ``depth`` ahead of the consumer.
+
+    Reading, casting and hashing (which release the GIL) then overlap the writer's I/O; memory
+    grows by ``depth`` chunks only.
+    """
+    import queue
+    import threading
+
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                box.put(chunk)
+            box.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put(exc)
+
+    worker = threading.Thread(target=produce, name="ckptkit-consolidate-read", daemon=True)
+    worker.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                box.get_nowait()
+            worker.join(0.01)
+
+
+def _digest(chunks: Iterator[bytes | memoryview] | list[bytes | memoryview]) -> str:
+    # sha256 runs at GB/s through OpenSSL; blake2b here is several times slower.
+    hasher = hashlib.sha256()
+    for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+@dataclass
+class _Written:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    kind: str
+    digest: str
+
+
+def _safetensors_chunks(
+    store: Store,
+    shard: list[PlannedTensor],
+    dtype: str,
+    metadata: dict[str, str],
+    file: str,
+    written: list[_Written],
+) -> Iterator[bytes | memoryview]:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for t in shard:
+        target = out_dtype(t.src_dtype, dtype)
+        if target not in _ST_DTYPE:
+            raise FormatError(f"{t.name}: dtype {target} has no safetensors name")
+        nbytes = t.numel * (torch_itemsize(target) or 1)
+        header[t.name] = {
+            "dtype": _ST_DTYPE[target],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    yield len(text).to_bytes(8, "little") + text
+    for t in shard:
+        # One bounded chunk at a time: read, cast, hash, hand to the writer; nothing else is kept.
+        target = out_dtype(t.src_dtype, dtype)
+        hasher = hashlib.sha256()
+        nbytes = 0
+        for data in _out_chunks(store, t, dtype):
+            hasher.update(data)
+            nbytes += len(data)
+            yield data
+        written.append(_Written(t.name, file, target, t.shape, nbytes, t.kind, hasher.hexdigest()))
+
+
+def _torch_chunks(
+    store: Store, shard: list[PlannedTensor], dtype: str, file: str, written: list[_Written]
+) -> Iterator[bytes]:
+    import torch
+
+    state: dict[str, Any] = {}
+    for t in shard:
+        # torch.save keeps aliases as one storage, so the tied name costs nothing here.
+        value = state[t.source] if t.kind == "shared" and t.source in state else _tensor(store, t, dtype)
+        state[t.name] = value
+        data = _as_bytes(value)
+        dtype_name = str(value.dtype).removeprefix("torch.")
+        written.append(_Written(t.name, file, dtype_name, t.shape, len(data), t.kind, _digest([data])))
+    with tempfile.TemporaryFile() as spool:  # torch.save needs a seekable file; stream it from disk
+        torch.save(state, spool)
+        state.clear()
+        spool.seek(0)
+        while chunk := spool.read(8 << 20):
+            yield chunk
+
+
+def _reload_check(
+    files: Store, written: list[_Written], fmt: str, file_keys: dict[str, str]
+) -> tuple[list[TensorCheck], dict[str, PlannedTensor]]:
+    """Re-read every written tensor from the output files and compare its digest and geometry."""
+    from ckptkit.formats.safetensors import read_safetensors_header
+
+    located: dict[str, tuple[str, str, tuple[int, ...], int]] = {}  # name -> (key, dtype, shape, offset)
+    for key in file_keys.values():
+        if fmt == "safetensors":
+            header = read_safetensors_header(files, key)
+            inverse = {v: k for k, v in _ST_DTYPE.items()}
+            for e in header.entries.values():
+                located[e.name] = (key, inverse.get(e.dtype, e.dtype), e.shape, e.offset)
+        else:
+            tf = read_torch_file(files, key)
+            for name, ref in top_level_tensors(tf).items():
+                piece = _contiguous_piece(key, ref, name)
+                located[name] = (key, ref.dtype, tuple(ref.shape), piece.offset)
+
+    def check(w: _Written) -> tuple[TensorCheck, PlannedTensor | None]:
+        found = located.get(w.name)
+        problem, entry = None, None
+        if found is None:
+            problem = "missing from the written file"
+        else:
+            key, dtype, shape, offset = found
+            if dtype != w.dtype or tuple(shape) != tuple(w.shape):
+                problem = f"written as {dtype}{list(shape)}, meant {w.dtype}{list(w.shape)}"
+            else:
+                numel = w.nbytes // (torch_itemsize(dtype) or 1)
+                entry = PlannedTensor(w.name, w.kind, tuple(shape), dtype, [Piece(key, offset, numel)])
+                if _digest(_chunks(files, entry)) != w.digest:
+                    problem = "bytes read back differ from the bytes meant to be written"
+        ok = problem is None
+        return TensorCheck(w.name, w.file, w.dtype, w.shape, w.nbytes, w.kind, ok, problem), entry
+
+    # Reads and sha256 release the GIL: a few threads re-read tensors side by side.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptkit-reload") as pool:
+        results = list(pool.map(check, written))
+    checks = [c for c, _ in results]
+    entries = {c.name: e for c, e in results if e is not None}
+    return checks, entries
+
+
+def consolidate_zero(
+    src: str | os.PathLike[str] | Store,
+    out: str | os.PathLike[str],
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    max_shard_size: str | int = "5GB",
+    fmt: str = "safetensors",
+    **storage_options: Any,
+) -> ConsolidateResult:
+    """Consolidate the ZeRO checkpoint ``src`` into an HF-style state dict committed at ``out``.
+
+    ``src`` is a DeepSpeed save dir (holding ``latest``) or a tag directory; ``out`` any store URL,
+    whose last component becomes the committed checkpoint. Raises :class:`VerificationError` (and
+    commits nothing) if any tensor read back differs from what was written.
+    """
+    from ckptkit.api import split_parent
+
+    t0 = time.perf_counter()
+    target = _dtype_name(dtype)
+    if fmt not in FORMATS:
+        raise InvalidURLError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    limit = parse_size(max_shard_size)
+    plan = plan_zero(src, tag=tag, **storage_options)
+    parent, name = split_parent(out)
+    root = open_store(parent, **storage_options)
+    shards = _shards(plan.tensors, target, limit)
+    files = _names(len(shards), fmt)
+    written: list[_Written] = []
+    shared_json = json.dumps(plan.shared_params, sort_keys=True)
+    meta = {"format": "pt", "ckptkit.shared_params": shared_json, "ckptkit.source": "deepspeed-zero"}
+    with CheckpointTransaction(root, name) as txn:
+        for file, shard in zip(files, shards, strict=True):
+            chunks = _prefetched(
+                _safetensors_chunks(plan.store, shard, target, meta, file, written)
+                if fmt == "safetensors"
+                else _torch_chunks(plan.store, shard, target, file, written)
+            )
+            txn.write(file, chunks)
+        total = sum(w.nbytes for w in written)
+        if len(files) > 1:
+            index = {
+                "metadata": {"total_size": total, "ckptkit.shared_params": plan.shared_params},
+                "weight_map": {w.name: w.file for w in written},
+            }
+            index_name = (
+                "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+            )
+            txn.write(index_name, json.dumps(index, indent=2).encode())
+            files.append(index_name)
+        # Verify the staged bytes before the commit, so a bad output is never committed.
+        checks, entries = _reload_check(
+            txn.files, written, fmt, {f: f for f in files if not f.endswith(".json")}
+        )
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            raise VerificationError(
+                f"{len(bad)} tensor(s) read back differ from what was written: "
+                + ", ".join(f"{c.name} ({c.problem})" for c in bad[:5]),
+                [f"{c.name}: {c.problem}" for c in bad],
+            )
+        manifest = txn.commit(
+            step=plan.global_steps,
+            layout="files",
+            metadata={
+                "consolidated_from": "deepspeed-zero",
+                "zero_stage": plan.stage,
+                "tag": plan.tag,
+                "dtype": dtype,
+                "dp_world_size": plan.world_size,
+            },
+        )
+    output = root.child(name)
+    prefix = os.path.dirname(next((f.path for f in manifest.files), ""))
+    out_files = output.child(prefix) if prefix else output
+    return ConsolidateResult(
+        url=output.url,
+        source=plan.store.url,
+        tag=plan.tag,
+        stage=plan.stage,
+        world_size=plan.world_size,
+        dtype=target,
+        format=fmt,
+        files=files,
+        total_size=total,
+        shared_params=plan.shared_params,
+        checks=checks,
+        notes=plan.notes,
+        seconds=time.perf_counter() - t0,
+        _output=out_files,
+        _entries=entries,
+    )
