@@ -66,20 +66,12 @@ def _model() -> Any:
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DS_ACCELERATOR="cpu",
-    )
+    from tests.fixtures.gen_deepspeed import _patch_deepspeed_for_cpu, rank_environment
+
+    os.environ.update(rank_environment(rank, world, port))
     import torch
 
     torch.set_num_threads(1)
-    from tests.fixtures.gen_deepspeed import _patch_deepspeed_for_cpu
-
     _patch_deepspeed_for_cpu()
     import deepspeed
     import torch.distributed as dist

@@ -46,6 +46,17 @@ _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the executor object but none of its threads: work submitted to it
+    # would wait forever. The child makes its own pool on first use.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def hashing_pool() -> ThreadPoolExecutor:
     """One process-wide pool, a thread per core: hashlib releases the GIL on large buffers."""
     global _pool

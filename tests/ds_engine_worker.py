@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fixtures._common import free_port
+from tests.fixtures.gen_deepspeed import rank_environment
 
 VOCAB = 16
 HIDDEN = 24
@@ -106,15 +107,7 @@ def _batch(rank: int, step: int) -> tuple[Any, Any]:
 
 def _rank_main(rank: int, world: int, port: int, scenario_dict: dict[str, Any]) -> None:
     scenario = Scenario(**scenario_dict)
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DS_ACCELERATOR="cpu",
-    )
+    os.environ.update(rank_environment(rank, world, port))
     out = Path(scenario.out)
     result: dict[str, Any] = {"rank": rank, "saved": [], "loaded": None, "commit_error": None}
 

@@ -111,3 +111,25 @@ def test_nothing_at_the_final_name_looks_committed_before_commit(any_store: Stor
         assert "step-00000004" not in any_store.list_dirs("")
     txn.commit(step=4, layout="files")
     assert any_store.exists(f"step-00000004/{MANIFEST_NAME}")
+
+
+def test_hashing_works_in_a_forked_child(tmp_path) -> None:
+    import multiprocessing
+
+    from ckptkit.hashing import digest_bytes, hashing_pool
+
+    data = b"x" * (200 << 10)
+    hashing_pool().submit(int).result()  # the parent's pool exists, with its threads
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_digest_into_file, args=(data, str(tmp_path / "digest")))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "the child hung or failed hashing"
+    assert (tmp_path / "digest").read_text() == digest_bytes(data).digest
+
+
+def _digest_into_file(data: bytes, path: str) -> None:
+    from ckptkit.hashing import digest_bytes
+
+    with open(path, "w") as f:
+        f.write(digest_bytes(data).digest)
