@@ -154,3 +154,22 @@ def test_deepspeed_defects_through_the_cli(deepspeed_checkpoints, tmp_path: Path
     (mixed / "latest").write_text("global_step1")
     out = _verify_cli(mixed)
     assert out.returncode == 1 and "tag global_step1 holds global_steps" in out.stdout, out.stdout
+
+
+def test_partition_sizes_must_match_param_shapes(deepspeed_checkpoints, tmp_path: Path) -> None:
+    import torch
+
+    case = deepspeed_checkpoints["z2_fp16_overflow"]
+    copy = tmp_path / "mixed"
+    shutil.copytree(case.save_dir, copy)
+    assert _errors(copy) == []
+    # Model states that claim one parameter is bigger than the one the partitions hold (the
+    # test's own fixture, so unpickling it here is safe).
+    model_states = copy / case.tag / "mp_rank_00_model_states.pt"
+    state = torch.load(model_states, weights_only=False)
+    group = state["param_shapes"][0]
+    name = next(iter(group))
+    group[name] = torch.Size([*group[name][:-1], group[name][-1] + 64])
+    torch.save(state, model_states)
+    errors = _errors(copy)
+    assert any("partitions do not match param_shapes" in e for e in errors), errors

@@ -201,6 +201,20 @@ def _check_tag(ctx: _Context, directory: str, names: set[str], models: list[str]
     for match in optims:
         _check_partition_count(ctx, posixpath.join(directory, match.group(0)), dp)
     _check_tag_step(ctx, first, directory, value)
+    if stage and mp == 1 and not missing:
+        _check_partition_sizes(ctx, directory)
+
+
+def _check_partition_sizes(ctx: _Context, directory: str) -> None:
+    """Every rank's flat partitions must hold exactly the parameters ``param_shapes`` lists,
+    split the way the ZeRO stage splits them: the plan consolidation would follow, without
+    reading tensor bytes."""
+    from ckptkit.ops.consolidate import plan_zero
+
+    try:
+        plan_zero(ctx.store.child(directory) if directory else ctx.store)
+    except FormatError as exc:
+        ctx.error(directory or ".", "deepspeed", f"partitions do not match param_shapes: {exc}")
 
 
 def _check_tag_step(ctx: _Context, key: str, directory: str, value: Any) -> None:
