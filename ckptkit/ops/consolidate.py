@@ -41,6 +41,7 @@ from typing import Any
 
 from ckptkit.commit import CheckpointTransaction
 from ckptkit.errors import FormatError, InvalidURLError, NotFoundError, VerificationError
+from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.dtypes import torch_itemsize
 from ckptkit.formats.torchfile import read_torch_file, top_level_tensors
 from ckptkit.ops.inspect.values import as_tensor
@@ -63,8 +64,6 @@ _ST_DTYPE = {
 }
 _FLOATS = frozenset({"float32", "bfloat16", "float16", "float64"})
 _ZERO_STAGE = GlobalRef("deepspeed.runtime.zero.config", "ZeroStageEnum")
-_MODEL_STATES = re.compile(r"(?:^|_)model_states\.pt$")
-_OPTIM_STATES = re.compile(r"(?:^|_)optim_states\.pt$")
 _RANK = re.compile(r"(?:^|_)pp_rank_(\d+)_")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -187,7 +186,7 @@ def _resolve_tag(store: Store, tag: str | None) -> tuple[str, list[str]]:
     """The tag directory (key prefix) and its file names: explicit tag, else ``latest``, else SRC itself."""
     names = [o.key for o in store.list("")]
     if tag is None:
-        if any(_MODEL_STATES.search(n) for n in names if "/" not in n):
+        if any(MODEL_STATES.search(n) for n in names if "/" not in n):
             return "", [n for n in names if "/" not in n]
         if "latest" not in names:
             raise NotFoundError(f"{store.url}: no 'latest' file and no *_model_states.pt here; pass --tag")
@@ -208,8 +207,8 @@ def plan_zero(
     root = open_store(src, **storage_options)
     tag, names = _resolve_tag(root, tag)
     store = root.child(tag) if tag else root
-    optim = sorted((n for n in names if _OPTIM_STATES.search(n)), key=_natural)
-    models = sorted((n for n in names if _MODEL_STATES.search(n)), key=_natural)
+    optim = sorted((n for n in names if OPTIM_STATES.search(n)), key=_natural)
+    models = sorted((n for n in names if MODEL_STATES.search(n)), key=_natural)
     if not optim or not models:
         raise FormatError(
             f"{store.url}: not a DeepSpeed ZeRO tag directory (no optimizer or model-states files)"

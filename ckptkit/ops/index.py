@@ -9,7 +9,6 @@ the step, and commits the manifest create-only, exactly as a save would.
 from __future__ import annotations
 
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -17,14 +16,12 @@ from typing import Any
 from ckptkit.catalog import step_from_name
 from ckptkit.commit import ATTEMPT_RE, publish_manifest
 from ckptkit.errors import AlreadyExistsError, CommitConflictError, FormatError, NotFoundError
+from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.hashing import digest_object
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.ops.verify import default_jobs
 from ckptkit.storage.base import ObjectInfo, Store
 from ckptkit.storage.local import TEMP_MARKER
-
-_DS_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_DS_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 @dataclass(frozen=True)
@@ -61,8 +58,8 @@ def detect_layout(checkpoint: Store, names: list[str], dir_name: str) -> Layout:
     if "trainer_state.json" in basenames:
         hf_step = _hf_step(checkpoint)
         return Layout("hf-trainer", hf_step if hf_step is not None else step_from_name(dir_name))
-    ds_models = {m.group(1) for n in basenames if (m := _DS_MODEL.match(n))}
-    ds_optims = [m for n in basenames if (m := _DS_OPTIM.match(n))]
+    ds_models = {m.group(2) for n in basenames if (m := MODEL_STATES.search(n))}
+    ds_optims = [m for n in basenames if (m := OPTIM_STATES.search(n))]
     if ds_models or ds_optims:
         dp = {m.group(2) for m in ds_optims}
         mp = ds_models | {m.group(3) for m in ds_optims}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from ckptkit.errors import FormatError
 from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.dcp import METADATA, read_dcp
+from ckptkit.formats.deepspeed import GLOBAL_STEP_TAG, MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.hf_index import read_hf_index
 from ckptkit.formats.safetensors import read_safetensors_header
 from ckptkit.formats.sniff import detect
@@ -31,9 +31,6 @@ from ckptkit.storage import Store
 MAX_JSON_BYTES = 64 << 20
 # Extensions that promise a checkpoint format: unknown content behind one is a finding.
 _CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors", ".distcp"})
-_MODEL_STATES = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-_OPTIM_STATES = re.compile(r"(\w*?)zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_GLOBAL_STEP_TAG = re.compile(r"global_step(\d+)")
 NO_DIGESTS = (
     "no ckptkit manifest: only structural checks ran, and no content digests were available "
     "to compare against; 'ckptkit index' records them for later verifies"
@@ -82,7 +79,7 @@ def verify_structure(store: Store, keys: list[str] | None = None) -> VerifyRepor
 
 def _layout(keys: list[str]) -> str:
     names = {posixpath.basename(k) for k in keys}
-    if any(_MODEL_STATES.search(n) for n in names):
+    if any(MODEL_STATES.search(n) for n in names):
         return "deepspeed"
     if "trainer_state.json" in names:
         return "hf-trainer"
@@ -164,7 +161,7 @@ def _check_deepspeed(ctx: _Context, keys: list[str]) -> None:
     for key in keys:
         by_dir.setdefault(posixpath.dirname(key), []).append(posixpath.basename(key))
     for directory, names in sorted(by_dir.items()):
-        models = sorted(n for n in names if _MODEL_STATES.search(n))
+        models = sorted(n for n in names if MODEL_STATES.search(n))
         if models:
             _check_tag(ctx, directory, set(names), models)
 
@@ -180,7 +177,7 @@ def _check_tag(ctx: _Context, directory: str, names: set[str], models: list[str]
     config = value.get("ds_config") if isinstance(value, dict) else None
     zero = config.get("zero_optimization") if isinstance(config, dict) else None
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    optims = [m for m in map(_OPTIM_STATES.search, names) if m]
+    optims = [m for m in map(OPTIM_STATES.search, names) if m]
     prefix = optims[0].group(1) if optims else ""
     expected: list[str] = []
     for m in range(mp):
@@ -220,7 +217,7 @@ def _check_partition_sizes(ctx: _Context, directory: str) -> None:
 def _check_tag_step(ctx: _Context, key: str, directory: str, value: Any) -> None:
     """A ``global_stepN`` tag must hold the state of step N: a mismatch means files were moved
     or mixed between tags."""
-    tag_step = _GLOBAL_STEP_TAG.fullmatch(posixpath.basename(directory))
+    tag_step = GLOBAL_STEP_TAG.fullmatch(posixpath.basename(directory))
     steps = value.get("global_steps") if isinstance(value, dict) else None
     if tag_step and type(steps) is int and steps != int(tag_step.group(1)):
         ctx.error(key, "deepspeed", f"tag {posixpath.basename(directory)} holds global_steps {steps}")
@@ -241,7 +238,7 @@ def _check_latest(ctx: _Context, keys: list[str]) -> None:
     for key in keys:
         base = posixpath.dirname(key)
         beside = [k for k in keys if k.startswith(f"{base}/" if base else "")]
-        if posixpath.basename(key) != "latest" or not any(_MODEL_STATES.search(k) for k in beside):
+        if posixpath.basename(key) != "latest" or not any(MODEL_STATES.search(k) for k in beside):
             continue
         tag = ctx.store.get(key, 0, 4096).decode("utf-8", "replace").strip()
         if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):

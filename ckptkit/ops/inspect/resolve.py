@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ckptkit.api import native_files, split_parent
 from ckptkit.catalog import latest_checkpoint, read_manifest
 from ckptkit.errors import FormatError, InvalidURLError, NotFoundError
+from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.sniff import detect
 from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.storage import Store, open_store
@@ -29,8 +30,6 @@ NOT_READ = {
     "training_args.bin": "a pickled TrainingArguments: loading it needs transformers' code, "
     "and resuming does not read it",
 }
-_MODEL_STATES = re.compile(r"(?:^|_)model_states\.pt$")
-_OPTIM_STATES = re.compile(r"(?:^|_)optim_states\.pt$")
 _HF_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -129,7 +128,7 @@ def _collect_files(target: Target, files: dict[str, ObjectInfo]) -> None:
             target.trainer_state = key
         elif key.endswith(".safetensors"):
             target.safetensors.append(key)
-        elif key.endswith(TORCH_SUFFIXES) and not _MODEL_STATES.search(key) and not _OPTIM_STATES.search(key):
+        elif key.endswith(TORCH_SUFFIXES) and not MODEL_STATES.search(key) and not OPTIM_STATES.search(key):
             target.torch_files.append(key)
 
 
@@ -143,7 +142,7 @@ def _layout(target: Target) -> str:
 def _deepspeed(
     store: Store, files: dict[str, ObjectInfo], dirs: list[str], objects: list[ObjectInfo]
 ) -> DeepSpeedTag | None:
-    if any(_MODEL_STATES.search(key) for key in files):  # the tag directory itself
+    if any(MODEL_STATES.search(key) for key in files):  # the tag directory itself
         name = store.url.rstrip("/").rsplit("/", 1)[-1]
         return _tag(name, "", list(files))
     if "latest" not in files:
@@ -169,7 +168,7 @@ def _tag(tag: str, prefix: str, names: list[str]) -> DeepSpeedTag:
         chosen = sorted((n for n in names if pattern.search(n)), key=natural_key)
         return [f"{prefix}/{n}" if prefix else n for n in chosen]
 
-    return DeepSpeedTag(prefix, tag, keys(_MODEL_STATES), keys(_OPTIM_STATES))
+    return DeepSpeedTag(prefix, tag, keys(MODEL_STATES), keys(OPTIM_STATES))
 
 
 def natural_key(name: str) -> list[object]:
