@@ -179,3 +179,13 @@ def test_verify_a_single_file_structurally(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     bad = run("verify", str(path))
     assert bad.returncode == 1 and "weights.pt" in bad.stdout
+
+
+def test_verify_a_single_object_on_s3(s3_bucket: str, tmp_path: Path) -> None:
+    import torch
+
+    torch.save({"w": torch.arange(10.0)}, tmp_path / "w.pt")
+    open_store(s3_bucket).put("models/w.pt", (tmp_path / "w.pt").read_bytes())
+    out = run("verify", f"{s3_bucket}/models/w.pt")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "structure only (no manifest, so no digests)" in out.stdout

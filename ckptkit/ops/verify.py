@@ -122,15 +122,16 @@ def verify_path(
     from ckptkit.ops.structural import verify_structure
 
     scheme, rest = split_url(url)
-    parent, name = split_parent(url)
     if scheme in (None, "file", "local"):
         if Path(rest).expanduser().is_file():
+            parent, name = split_parent(url)
             return [verify_structure(open_store(parent, **storage_options), keys=[name])]
         return verify_tree(open_store(url, **storage_options), quick=quick, jobs=jobs)
     store = open_store(url, **storage_options)
-    if not store.exists(MANIFEST_NAME) and not any(True for _ in store.list("")):
+    if "/" in rest.strip("/") and not store.exists(MANIFEST_NAME):
+        parent, name = split_parent(url)
         parent_store = open_store(parent, **storage_options)
-        if parent_store.exists(name):  # the URL names an object, not a prefix
+        if parent_store.exists(name):  # one HEAD: the URL names an object, not a prefix
             return [verify_structure(parent_store, keys=[name])]
     return verify_tree(store, quick=quick, jobs=jobs)
 
