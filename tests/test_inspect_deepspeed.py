@@ -8,21 +8,10 @@ import pytest
 
 from ckptkit.errors import FormatError
 from ckptkit.ops.inspect import inspect_path
+from tests.fixtures.gen_deepspeed import ALL_CASES
 from tests.fixtures.real_checkpoints import DeepSpeedCase
 
-CASES = [
-    "z1_fp32_warmuplr",
-    "z1_bf16_none",
-    "z1_fp16_steplr",
-    "z1_fp16_static",
-    "z2_fp32_steplr",
-    "z2_bf16_warmupcosine",
-    "z2_fp16_overflow",
-    "z3_fp32_warmupcosine",
-    "z3_bf16_warmuplr",
-    "z3_fp16_overflow",
-    "z3_bf16_warmuplr_4rank",
-]
+CASES = [case.name for case in ALL_CASES]
 
 
 @pytest.fixture(params=CASES)
