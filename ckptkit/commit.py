@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from ckptkit.errors import AlreadyExistsError, CommitConflictError
+from ckptkit.errors import AlreadyExistsError, CommitConflictError, StorageError
 from ckptkit.hashing import StreamingDigest
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.storage.base import Store, join_key
@@ -56,7 +56,10 @@ class CheckpointTransaction:
     transaction wrote, best effort; ``gc`` removes anything a crash leaves).
     """
 
-    def __init__(self, root: Store, name: str) -> None:
+    def __init__(self, root: Store, name: str, *, attempt: str | None = None) -> None:
+        """``attempt`` (12 hex digits) names this attempt's staging place; a random one by default.
+        ``sync`` passes one derived from the source manifest, so a re-run finds what an
+        interrupted run already copied."""
         self.root = root
         self.name = validate_path(name)
         self._lock = threading.Lock()
@@ -64,14 +67,18 @@ class CheckpointTransaction:
         self._done = False
         if root.exists(join_key(name, MANIFEST_NAME)):
             raise CommitConflictError(f"{root.url}/{name} is already committed")
-        attempt = _new_id()
+        attempt = attempt or _new_id()
+        if not ATTEMPT_RE.match(f"ckptkit-{attempt}"):
+            raise ValueError(f"attempt id must be 12 hex digits, got {attempt!r}")
         if root.capabilities.atomic_rename:
             self._staging_key = f".{name.replace('/', '_')}{STAGING_MARKER}{attempt}"
             self.data_prefix = ""
         else:
             self._staging_key = name
             self.data_prefix = f"ckptkit-{attempt}"
-        self.files: Store = root.child(join_key(self._staging_key, self.data_prefix))
+        # Where this attempt's files live, relative to root.
+        self.attempt_key = join_key(self._staging_key, self.data_prefix)
+        self.files: Store = root.child(self.attempt_key)
 
     def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
         """Stream one file into the checkpoint, hashing it on the way. Thread-safe."""
@@ -109,6 +116,11 @@ class CheckpointTransaction:
             metadata=metadata,
             metrics=metrics,
         )
+        self.commit_manifest(manifest)
+        return manifest
+
+    def commit_manifest(self, manifest: Manifest) -> None:
+        """Commit a manifest built elsewhere (``sync`` commits the source's, paths remapped)."""
         try:
             if self.root.capabilities.atomic_rename:
                 staging = self.root.child(self._staging_key)
@@ -122,13 +134,12 @@ class CheckpointTransaction:
                 f"{self.root.url}/{self.name}: another writer committed this checkpoint first"
             ) from exc
         self._done = True
-        return manifest
 
     def abort(self) -> None:
         if self._done:
             return
         self._done = True
-        self.root.delete_prefix(join_key(self._staging_key, self.data_prefix))
+        self.root.delete_prefix(self.attempt_key)
 
     def __enter__(self) -> CheckpointTransaction:
         return self
@@ -139,8 +150,21 @@ class CheckpointTransaction:
 
 
 def publish_manifest(checkpoint: Store, manifest: Manifest, *, overwrite: bool = False) -> None:
-    """Commit ``manifest`` in place: create-only unless ``overwrite`` (``index --force``)."""
-    checkpoint.put(MANIFEST_NAME, manifest.to_bytes(), mode="overwrite" if overwrite else "create")
+    """Commit ``manifest`` in place: create-only unless ``overwrite`` (``index --force``).
+
+    A create-only PUT that the client retried after its first try landed (the reply lost to a
+    reset connection) meets its own manifest: the bytes are compared, and ours is success.
+    """
+    data = manifest.to_bytes()
+    try:
+        checkpoint.put(MANIFEST_NAME, data, mode="overwrite" if overwrite else "create")
+    except AlreadyExistsError:
+        try:
+            ours = checkpoint.get(MANIFEST_NAME) == data  # the checkpoint id makes it unique
+        except StorageError:
+            ours = False
+        if not ours:
+            raise
 
 
 def delete_checkpoint(root: Store, name: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -110,13 +110,27 @@ class Store(abc.ABC):
     # --- writes --------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def put(self, key: str, data: bytes | Chunks, mode: WriteMode = "overwrite") -> ObjectInfo:
+    def put(
+        self,
+        key: str,
+        data: bytes | Chunks,
+        mode: WriteMode = "overwrite",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         """Write ``key`` atomically: readers see the old object or the whole new one.
 
         ``data`` is bytes or an iterable of buffers, streamed without holding the whole object.
         With ``mode="create"`` an existing key raises :class:`AlreadyExistsError`; this is
         atomic against other writers only where ``capabilities.conditional_create`` holds.
+        ``metadata`` is kept with the object where the backend has user metadata (S3
+        ``x-amz-meta-*``) and dropped elsewhere; read it back with :meth:`user_metadata`.
         """
+
+    def user_metadata(self, key: str) -> dict[str, str]:
+        """The ``metadata`` that ``put`` stored with ``key``; ``{}`` where the store keeps none."""
+        self.head(key)  # a missing key is NotFoundError here as everywhere
+        return {}
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import datetime as dt
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
 from ckptkit.errors import (
@@ -186,20 +186,38 @@ class FsspecStore(Store):
 
     # --- writes --------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes | Chunks, mode: WriteMode = "overwrite") -> ObjectInfo:
+    def put(
+        self,
+        key: str,
+        data: bytes | Chunks,
+        mode: WriteMode = "overwrite",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         path = self._path(key)
+        extra = self._metadata_kwargs(metadata)
         try:
             with translate_backend_errors(self._describe(key)):
                 if isinstance(data, (bytes, bytearray, memoryview)):
-                    size = self._put_bytes(path, bytes(data), mode)
+                    size = self._put_bytes(path, bytes(data), mode, extra)
                 else:
-                    size = self._put_stream(path, data, mode)
+                    size = self._put_stream(path, data, mode, extra)
                 self.fs.invalidate_cache(path)
         except ProducerError as exc:
             raise exc.original from None  # the caller's own failure, not the backend's
         return ObjectInfo(key, size)
 
-    def _put_bytes(self, path: str, data: bytes, mode: WriteMode) -> int:
+    def _metadata_kwargs(self, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+        # Only S3 has user metadata; s3fs passes Metadata to PutObject/CreateMultipartUpload.
+        return {"Metadata": dict(metadata)} if metadata and self.protocol in ("s3", "s3a") else {}
+
+    def user_metadata(self, key: str) -> dict[str, str]:
+        if self.protocol not in ("s3", "s3a"):
+            return super().user_metadata(key)
+        with translate_backend_errors(self._describe(key)):
+            return dict(self.fs.metadata(self._path(key), refresh=True))
+
+    def _put_bytes(self, path: str, data: bytes, mode: WriteMode, extra: dict[str, Any]) -> int:
         if mode == "create" and not self.capabilities.conditional_create:
             if self.fs.exists(path):
                 raise FileExistsError(path)
@@ -208,18 +226,18 @@ class FsspecStore(Store):
             with _MEMORY_CREATE_LOCK:
                 self.fs.pipe_file(path, data, mode="create")
         else:
-            self.fs.pipe_file(path, data, mode=mode)
+            self.fs.pipe_file(path, data, mode=mode, **extra)
         return len(data)
 
-    def _put_stream(self, path: str, data: Chunks, mode: WriteMode) -> int:
+    def _put_stream(self, path: str, data: Chunks, mode: WriteMode, extra: dict[str, Any]) -> int:
         if mode == "create" or self.protocol == "memory":
             # Create-only is used for small commit objects, and the memory filesystem publishes
             # a file when it is opened: buffer, then publish in one atomic call.
-            return self._put_bytes(path, b"".join(bytes(c) for c in _guarded(data)), mode)
+            return self._put_bytes(path, b"".join(bytes(c) for c in _guarded(data)), mode, extra)
         size = 0
         # autocommit=False: the object is published by commit(), after the last byte, and
         # discard() aborts the multipart upload, so a failure midway publishes nothing.
-        f = self.fs.open(path, "wb", block_size=_STREAM_BLOCK, autocommit=False)
+        f = self.fs.open(path, "wb", block_size=_STREAM_BLOCK, autocommit=False, **extra)
         try:
             for chunk in _guarded(data):
                 f.write(chunk)

@@ -12,7 +12,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -137,7 +137,14 @@ class LocalStore(Store):
 
     # --- writes --------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes | Chunks, mode: WriteMode = "overwrite") -> ObjectInfo:
+    def put(
+        self,
+        key: str,
+        data: bytes | Chunks,
+        mode: WriteMode = "overwrite",
+        *,
+        metadata: Mapping[str, str] | None = None,  # a filesystem keeps no user metadata
+    ) -> ObjectInfo:
         path = self._path(key)
         with translate_os_errors(str(path)):
             path.parent.mkdir(parents=True, exist_ok=True)
