@@ -12,7 +12,7 @@ from ckptkit.storage import Store, open_store
 
 # Real checkpoints (plain torch, transformers.Trainer, multi-rank DeepSpeed), generated lazily
 # once per session.
-pytest_plugins = ["tests.fixtures.real_checkpoints"]
+pytest_plugins = ["tests.fixtures.real_checkpoints", "tests.fixtures.faulty_s3"]
 
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
