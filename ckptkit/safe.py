@@ -172,13 +172,13 @@ def safe_load(
         # Not a torch.save file; if another loader would meet a payload in it, say so.
         _refuse(key, {g.ref.qualname for g in scan_file(target.store, key).unsafe_globals}, exc)
         raise
-    _refuse(key, _unvetted(torch_file))
+    _refuse(key, unvetted_globals(torch_file))
     if torch_file.problems:
         raise FormatError(f"{key}: not loaded, the file is inconsistent: " + "; ".join(torch_file.problems))
     return _Builder(target.store, key, map_location).build(torch_file.value)
 
 
-def _unvetted(torch_file: TorchFile) -> set[str]:
+def unvetted_globals(torch_file: TorchFile) -> set[str]:
     """Globals that are not vetted, and vetted ones called in a shape the table does not accept."""
     names = {g.ref.qualname for g in torch_file.globals if g.classification in UNSAFE_CLASSES}
     for node in _walk(torch_file.value):

@@ -9,6 +9,7 @@ import click
 
 from ckptkit.cli.common import handles_errors, json_option, storage_options
 from ckptkit.cli.consolidate_cmd import consolidate_command
+from ckptkit.cli.convert_cmd import convert_command
 from ckptkit.cli.inspect_cmd import inspect_command
 from ckptkit.cli.render import emit_json, format_bytes, table
 from ckptkit.cli.safety_cmds import doctor_command, scan_command
@@ -209,7 +210,7 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
     return EXIT_OK
 
 
-for command in (inspect_command, scan_command, doctor_command, consolidate_command):
+for command in (inspect_command, scan_command, doctor_command, consolidate_command, convert_command):
     cli.add_command(command)
 
 

@@ -22,21 +22,19 @@ Differences from DeepSpeed's tool, on purpose:
   names as one shared tensor, which ``torch.save`` preserves.
 
 The output is committed through :class:`CheckpointTransaction` (layout ``files``), after every
-written tensor has been re-read from the staged files and compared (by BLAKE2b digest of its
+written tensor has been re-read from the staged files and compared (by SHA-256 digest of its
 bytes) with what was meant to be written; a mismatch aborts the commit.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,53 +42,28 @@ from ckptkit.commit import CheckpointTransaction
 from ckptkit.errors import FormatError, InvalidURLError, NotFoundError, VerificationError
 from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.dtypes import torch_itemsize
+from ckptkit.formats.safetensors_writer import (
+    SHARED_PARAMS_KEY,
+    TORCH_DTYPE,
+    OutTensor,
+    index_name,
+    safetensors_chunks,
+    shard_names,
+    split_shards,
+)
 from ckptkit.formats.torchfile import read_torch_file, top_level_tensors
 from ckptkit.ops.inspect.values import as_tensor
+from ckptkit.ops.tensor_io import Piece, cast, out_dtype, parse_size, prefetched, read_pieces, sha256_of
 from ckptkit.pickle import GlobalRef, TensorRef, VettedObject
 from ckptkit.storage import Store, open_store
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 FORMATS = ("safetensors", "torch")
-_ST_DTYPE = {
-    "float32": "F32",
-    "bfloat16": "BF16",
-    "float16": "F16",
-    "float64": "F64",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
-_FLOATS = frozenset({"float32", "bfloat16", "float16", "float64"})
 _ZERO_STAGE = GlobalRef("deepspeed.runtime.zero.config", "ZeroStageEnum")
 _RANK = re.compile(r"(?:^|_)pp_rank_(\d+)_")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-READ_CHUNK = 16 << 20  # bytes per ranged read: bounds memory, large enough to stream at disk speed
 
 
 # --- the plan: each output tensor as byte ranges in the source files --------------------------------
-
-
-@dataclass(frozen=True)
-class Piece:
-    """``numel`` contiguous elements of ``dtype`` at byte ``offset`` of file ``key``."""
-
-    key: str
-    offset: int
-    numel: int
 
 
 @dataclass
@@ -399,63 +372,28 @@ def _plan_frozen(
 
 def _chunks(store: Store, t: PlannedTensor) -> Iterator[bytes]:
     """The tensor's bytes in its source dtype, in bounded ranged reads (element-aligned chunks)."""
-    itemsize = torch_itemsize(t.src_dtype) or 1
-    step = READ_CHUNK - READ_CHUNK % itemsize
-    for p in t.pieces:
-        n = p.numel * itemsize
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            data = store.get(p.key, p.offset + lo, p.offset + hi)
-            if len(data) != hi - lo:
-                raise FormatError(f"{p.key}: file ends inside a tensor at byte {p.offset + lo}")
-            yield data
-
-
-def out_dtype(src_dtype: str, dtype: str) -> str:
-    return dtype if src_dtype in _FLOATS else src_dtype
-
-
-def _cast(data: bytes, src: str, dst: str) -> bytes | memoryview:
-    """Raw little-endian elements of ``src`` as ``dst``, rounding as torch does; numpy only, no torch.
-
-    torch would cost seconds of import and hundreds of MB of RSS for what is a bit shuffle.
-    """
-    if src == dst:
-        return data
-    import numpy as np
-
-    if src == "bfloat16":  # bf16 is the top half of an fp32
-        wide = (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
-    elif src in ("float16", "float32", "float64"):
-        wide = np.frombuffer(data, dtype={"float16": "<f2", "float32": "<f4", "float64": "<f8"}[src])
-    else:
-        raise FormatError(f"cannot cast {src} to {dst}")
-    if dst == "bfloat16":
-        bits = wide.astype("<f4", copy=False).view("<u4")
-        # Round to nearest even, NaN to the canonical quiet NaN: c10's round_to_nearest_even.
-        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
-        rounded[np.isnan(wide)] = 0x7FC0
-        return memoryview(rounded).cast("B")
-    target = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}[dst]
-    return memoryview(wide.astype(target)).cast("B")
+    return read_pieces(store, t.pieces, torch_itemsize(t.src_dtype) or 1)
 
 
 def _out_chunks(store: Store, t: PlannedTensor, dtype: str) -> Iterator[bytes | memoryview]:
     target = out_dtype(t.src_dtype, dtype)
     for data in _chunks(store, t):
-        yield _cast(data, t.src_dtype, target)
+        yield cast(data, t.src_dtype, target)
 
 
 def _tensor(store: Store, t: PlannedTensor, dtype: str) -> Any:
+    return _tensor_of(_out_tensor(store, t, dtype))
+
+
+def _tensor_of(out: OutTensor) -> Any:
     import torch
 
-    target = out_dtype(t.src_dtype, dtype)
     raw = bytearray()
-    for data in _out_chunks(store, t, dtype):
+    for data in out.chunks():
         raw += data
-    torch_dtype = getattr(torch, target)
+    torch_dtype = getattr(torch, out.dtype)
     value = torch.frombuffer(raw, dtype=torch_dtype) if raw else torch.empty(0, dtype=torch_dtype)
-    return value.reshape(t.shape)
+    return value.reshape(out.shape)
 
 
 def _as_bytes(value: Any) -> memoryview:
@@ -577,19 +515,6 @@ class ConsolidateResult:
         }
 
 
-def parse_size(value: str | int) -> int:
-    """``"5GB"`` -> 5e9, ``"500MiB"`` -> 500 * 2**20 (HF's convention: GB is decimal)."""
-    if isinstance(value, int):
-        return value
-    match = _SIZE.match(value)
-    if not match:
-        raise InvalidURLError(f"not a size: {value!r} (expected e.g. 5GB, 500MB, 2GiB)")
-    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
-    if size <= 0:
-        raise InvalidURLError(f"max shard size must be positive, got {value!r}")
-    return size
-
-
 def _dtype_name(dtype: str) -> str:
     if dtype in DTYPES:
         return DTYPES[dtype]
@@ -598,77 +523,27 @@ def _dtype_name(dtype: str) -> str:
     raise InvalidURLError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
 
 
-def _shards(tensors: dict[str, PlannedTensor], dtype: str, limit: int) -> list[list[PlannedTensor]]:
-    """Greedy in state-dict order, as HF's splitter; a tensor and its aliases stay in one shard."""
-    units: list[list[PlannedTensor]] = []
+def _out_tensor(store: Store, t: PlannedTensor, dtype: str) -> OutTensor:
+    return OutTensor(
+        t.name,
+        out_dtype(t.src_dtype, dtype),
+        t.shape,
+        lambda: _out_chunks(store, t, dtype),
+        kind=t.kind,
+        source=t.source,
+    )
+
+
+def _shards(tensors: dict[str, PlannedTensor], store: Store, dtype: str, limit: int) -> list[list[OutTensor]]:
+    """A tensor and its aliases stay in one shard (the alias is written as a copy)."""
+    units: list[list[OutTensor]] = []
     for t in tensors.values():
+        out = _out_tensor(store, t, dtype)
         if t.kind == "shared" and units and t.source in {u.name for u in units[-1]}:
-            units[-1].append(t)
+            units[-1].append(out)
         else:
-            units.append([t])
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for unit in units:
-        nbytes = sum(t.numel * (torch_itemsize(out_dtype(t.src_dtype, dtype)) or 1) for t in unit)
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].extend(unit)
-        size += nbytes
-    return shards
-
-
-def _names(count: int, fmt: str) -> list[str]:
-    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
-    if count == 1:
-        return [f"{stem}.{ext}"]
-    return [f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1)]
-
-
-def _prefetched(chunks: Iterator[bytes | memoryview], depth: int = 2) -> Iterator[bytes | memoryview]:
-    """``chunks`` produced by a helper thread, ``depth`` ahead of the consumer.
-
-    Reading, casting and hashing (which release the GIL) then overlap the writer's I/O; memory
-    grows by ``depth`` chunks only.
-    """
-    import queue
-    import threading
-
-    done = object()
-    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for chunk in chunks:
-                if stop.is_set():
-                    return
-                box.put(chunk)
-            box.put(done)
-        except BaseException as exc:  # handed to the consumer, raised there
-            box.put(exc)
-
-    worker = threading.Thread(target=produce, name="ckptkit-consolidate-read", daemon=True)
-    worker.start()
-    try:
-        while (item := box.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            with contextlib.suppress(queue.Empty):
-                box.get_nowait()
-            worker.join(0.01)
-
-
-def _digest(chunks: Iterator[bytes | memoryview] | list[bytes | memoryview]) -> str:
-    # sha256 runs at GB/s through OpenSSL; blake2b here is several times slower.
-    hasher = hashlib.sha256()
-    for chunk in chunks:
-        hasher.update(chunk)
-    return hasher.hexdigest()
+            units.append([out])
+    return split_shards(units, limit)
 
 
 @dataclass
@@ -682,55 +557,24 @@ class _Written:
     digest: str
 
 
-def _safetensors_chunks(
-    store: Store,
-    shard: list[PlannedTensor],
-    dtype: str,
-    metadata: dict[str, str],
-    file: str,
-    written: list[_Written],
-) -> Iterator[bytes | memoryview]:
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for t in shard:
-        target = out_dtype(t.src_dtype, dtype)
-        if target not in _ST_DTYPE:
-            raise FormatError(f"{t.name}: dtype {target} has no safetensors name")
-        nbytes = t.numel * (torch_itemsize(target) or 1)
-        header[t.name] = {
-            "dtype": _ST_DTYPE[target],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-    yield len(text).to_bytes(8, "little") + text
-    for t in shard:
-        # One bounded chunk at a time: read, cast, hash, hand to the writer; nothing else is kept.
-        target = out_dtype(t.src_dtype, dtype)
-        hasher = hashlib.sha256()
-        nbytes = 0
-        for data in _out_chunks(store, t, dtype):
-            hasher.update(data)
-            nbytes += len(data)
-            yield data
-        written.append(_Written(t.name, file, target, t.shape, nbytes, t.kind, hasher.hexdigest()))
+def _record(written: list[_Written], file: str) -> Callable[[OutTensor, int, str], None]:
+    def on_written(t: OutTensor, nbytes: int, digest: str) -> None:
+        written.append(_Written(t.name, file, t.dtype, t.shape, nbytes, t.kind, digest))
+
+    return on_written
 
 
-def _torch_chunks(
-    store: Store, shard: list[PlannedTensor], dtype: str, file: str, written: list[_Written]
-) -> Iterator[bytes]:
+def _torch_chunks(shard: list[OutTensor], file: str, written: list[_Written]) -> Iterator[bytes]:
     import torch
 
     state: dict[str, Any] = {}
     for t in shard:
         # torch.save keeps aliases as one storage, so the tied name costs nothing here.
-        value = state[t.source] if t.kind == "shared" and t.source in state else _tensor(store, t, dtype)
+        value = state[t.source] if t.kind == "shared" and t.source in state else _tensor_of(t)
         state[t.name] = value
         data = _as_bytes(value)
         dtype_name = str(value.dtype).removeprefix("torch.")
-        written.append(_Written(t.name, file, dtype_name, t.shape, len(data), t.kind, _digest([data])))
+        written.append(_Written(t.name, file, dtype_name, t.shape, len(data), t.kind, sha256_of([data])))
     with tempfile.TemporaryFile() as spool:  # torch.save needs a seekable file; stream it from disk
         torch.save(state, spool)
         state.clear()
@@ -749,9 +593,8 @@ def _reload_check(
     for key in file_keys.values():
         if fmt == "safetensors":
             header = read_safetensors_header(files, key)
-            inverse = {v: k for k, v in _ST_DTYPE.items()}
             for e in header.entries.values():
-                located[e.name] = (key, inverse.get(e.dtype, e.dtype), e.shape, e.offset)
+                located[e.name] = (key, TORCH_DTYPE.get(e.dtype, e.dtype), e.shape, e.offset)
         else:
             tf = read_torch_file(files, key)
             for name, ref in top_level_tensors(tf).items():
@@ -770,7 +613,7 @@ def _reload_check(
             else:
                 numel = w.nbytes // (torch_itemsize(dtype) or 1)
                 entry = PlannedTensor(w.name, w.kind, tuple(shape), dtype, [Piece(key, offset, numel)])
-                if _digest(_chunks(files, entry)) != w.digest:
+                if sha256_of(_chunks(files, entry)) != w.digest:
                     problem = "bytes read back differ from the bytes meant to be written"
         ok = problem is None
         return TensorCheck(w.name, w.file, w.dtype, w.shape, w.nbytes, w.kind, ok, problem), entry
@@ -811,30 +654,27 @@ def consolidate_zero(
     plan = plan_zero(src, tag=tag, **storage_options)
     parent, name = split_parent(out)
     root = open_store(parent, **storage_options)
-    shards = _shards(plan.tensors, target, limit)
-    files = _names(len(shards), fmt)
+    shards = _shards(plan.tensors, plan.store, target, limit)
+    files = shard_names(len(shards), fmt)
     written: list[_Written] = []
     shared_json = json.dumps(plan.shared_params, sort_keys=True)
-    meta = {"format": "pt", "ckptkit.shared_params": shared_json, "ckptkit.source": "deepspeed-zero"}
+    meta = {"format": "pt", SHARED_PARAMS_KEY: shared_json, "ckptkit.source": "deepspeed-zero"}
     with CheckpointTransaction(root, name) as txn:
         for file, shard in zip(files, shards, strict=True):
-            chunks = _prefetched(
-                _safetensors_chunks(plan.store, shard, target, meta, file, written)
+            chunks = prefetched(
+                safetensors_chunks(shard, meta, _record(written, file))
                 if fmt == "safetensors"
-                else _torch_chunks(plan.store, shard, target, file, written)
+                else _torch_chunks(shard, file, written)
             )
             txn.write(file, chunks)
         total = sum(w.nbytes for w in written)
         if len(files) > 1:
             index = {
-                "metadata": {"total_size": total, "ckptkit.shared_params": plan.shared_params},
+                "metadata": {"total_size": total, SHARED_PARAMS_KEY: plan.shared_params},
                 "weight_map": {w.name: w.file for w in written},
             }
-            index_name = (
-                "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
-            )
-            txn.write(index_name, json.dumps(index, indent=2).encode())
-            files.append(index_name)
+            txn.write(index_name(fmt), json.dumps(index, indent=2).encode())
+            files.append(index_name(fmt))
         # Verify the staged bytes before the commit, so a bad output is never committed.
         checks, entries = _reload_check(
             txn.files, written, fmt, {f: f for f in files if not f.endswith(".json")}

@@ -1,0 +1,216 @@
+"""A ``torch.save``-compatible zip file written as a stream, one tensor record at a time.
+
+``torch.save`` needs every tensor in memory and a seekable file. The archive it writes is simple
+(formats.md §2): ``archive/data.pkl`` (the object, tensors as ``_rebuild_tensor_v2`` calls whose
+storages are persistent ids), a few small records (``.format_version``, ``.storage_alignment``,
+``byteorder``, ``version``, ``.data/serialization_id``) and one stored record per storage,
+``archive/data/<key>``, its bytes starting on a 64-byte boundary so ``torch.load(mmap=True)`` can
+map them. Every record is ZIP_STORED with a data descriptor (flag bit 3), as torch's own writer
+does, so each record's CRC-32 follows its bytes and nothing needs seeking back. The pickle is
+made from dtypes, shapes and storage keys alone, before any tensor byte is read.
+
+torch is imported (inside :func:`data_pickle`) only for the globals the pickle names, so that
+``pickle`` resolves them to the real functions and classes ``torch.load`` allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import struct
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ckptkit.errors import FormatError
+from ckptkit.formats.safetensors_writer import OnWritten, OutTensor
+
+ARCHIVE = "archive"
+ALIGNMENT = 64  # torch's default storage alignment (torch.serialization.config.save.storage_alignment)
+ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets at or above this need ZIP64 fields
+_MARKER = 0xFFFFFFFF  # the value a classic field holds when the real one is in the ZIP64 extra
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_FLAGS = 0x0808  # bit 3: data descriptor; bit 11: UTF-8 names (torch's writer sets both)
+_PAD_ID = 0x4246  # "FB": the extra field torch pads with
+
+
+@dataclass
+class _Record:
+    name: bytes
+    offset: int
+    size: int
+    crc: int
+
+    @property
+    def zip64(self) -> bool:
+        return self.size >= ZIP64_LIMIT or self.offset >= ZIP64_LIMIT
+
+
+class _StorageId:
+    """Stands in for a storage; the pickler writes it as torch's persistent id."""
+
+    def __init__(self, pid: tuple[Any, ...]) -> None:
+        self.pid = pid
+
+
+class _TensorStub:
+    """Stands in for a tensor: pickles as ``torch._utils._rebuild_tensor_v2(...)``, as torch does."""
+
+    def __init__(self, rebuild: Any, storage: _StorageId, shape: tuple[int, ...]) -> None:
+        self.args = (storage, 0, shape, _contiguous_stride(shape), False, OrderedDict())
+        self.rebuild = rebuild
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.rebuild, self.args
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        return obj.pid if isinstance(obj, _StorageId) else None
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for n in reversed(shape):
+        stride.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def storage_keys(tensors: list[OutTensor]) -> dict[str, str]:
+    """Record key of each tensor's storage: one per tensor, shared by a tied alias and its source."""
+    keys: dict[str, str] = {}
+    for t in tensors:
+        if t.source is not None and t.source in keys:
+            keys[t.name] = keys[t.source]
+        else:
+            keys[t.name] = str(len(set(keys.values())))
+    return keys
+
+
+def data_pickle(tensors: list[OutTensor], keys: dict[str, str]) -> bytes:
+    """``data.pkl`` of the flat state dict ``{name: tensor}``, protocol 2 as torch writes it."""
+    import torch
+    from torch._utils import _rebuild_tensor_v2
+
+    storage_names = torch.storage._dtype_to_storage_type_map()
+    storages: dict[str, _StorageId] = {}
+    state: dict[str, _TensorStub] = {}
+    for t in tensors:
+        dtype = getattr(torch, t.dtype, None)
+        if not isinstance(dtype, torch.dtype) or dtype not in storage_names:
+            raise FormatError(f"{t.name}: torch.save files cannot hold dtype {t.dtype}")
+        key = keys[t.name]
+        if key not in storages:
+            numel = t.nbytes // dtype.itemsize
+            storages[key] = _StorageId(("storage", getattr(torch, storage_names[dtype]), key, "cpu", numel))
+        state[t.name] = _TensorStub(_rebuild_tensor_v2, storages[key], t.shape)
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(state)
+    return buffer.getvalue()
+
+
+def torch_zip_chunks(tensors: list[OutTensor], on_written: OnWritten) -> Iterator[bytes | memoryview]:
+    """The whole file as a stream of buffers; each storage's bytes are read only when reached."""
+    keys = storage_keys(tensors)
+    writer = _ZipStream()
+    yield from writer.record("data.pkl", [data_pickle(tensors, keys)])
+    yield from writer.record(".format_version", [b"1"])
+    yield from writer.record(".storage_alignment", [str(ALIGNMENT).encode()])
+    yield from writer.record("byteorder", [b"little"])
+    for t in tensors:
+        if t.source is not None and keys[t.name] == keys.get(t.source):
+            continue  # a tied alias: its source's record holds the bytes
+        hasher = hashlib.sha256()
+        yield from writer.record(f"data/{keys[t.name]}", _hashed(t, hasher))
+        on_written(t, writer.last.size, hasher.hexdigest())
+        if writer.last.size != t.nbytes:
+            raise FormatError(f"{t.name}: source gave {writer.last.size} bytes, expected {t.nbytes}")
+    yield from writer.record("version", [b"3\n"])
+    yield from writer.record(".data/serialization_id", [f"{uuid.uuid4().int:040d}"[:40].encode()])
+    yield writer.central_directory()
+
+
+def _hashed(t: OutTensor, hasher: Any) -> Iterator[bytes | memoryview]:
+    for chunk in t.chunks():
+        hasher.update(chunk)
+        yield chunk
+
+
+class _ZipStream:
+    """Writes stored zip records in sequence and the central directory at the end."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.records: list[_Record] = []
+
+    @property
+    def last(self) -> _Record:
+        return self.records[-1]
+
+    def record(self, name: str, chunks: Any) -> Iterator[bytes | memoryview]:
+        encoded = f"{ARCHIVE}/{name}".encode()
+        rec = _Record(encoded, self.position, 0, 0)
+        self.records.append(rec)
+        header = self._local_header(encoded)
+        self.position += len(header)
+        yield header
+        for chunk in chunks:
+            rec.crc = zlib.crc32(chunk, rec.crc)
+            rec.size += len(chunk)
+            yield chunk
+        self.position += rec.size
+        # ZIP64 descriptors carry 8-byte sizes; a reader knows which from the central directory.
+        fmt = "<IIQQ" if rec.size >= ZIP64_LIMIT else "<IIII"
+        descriptor = struct.pack(fmt, 0x08074B50, rec.crc, rec.size, rec.size)
+        self.position += len(descriptor)
+        yield descriptor
+
+    def _local_header(self, name: bytes) -> bytes:
+        # Sizes and CRC are zero here (flag bit 3): they follow the data and sit in the directory.
+        fixed = 30 + len(name) + 4
+        pad = -(self.position + fixed) % ALIGNMENT
+        extra = struct.pack("<HH", _PAD_ID, pad) + b"Z" * pad
+        return _LOCAL.pack(0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(name), len(extra)) + name + extra
+
+    def central_directory(self) -> bytes:
+        start = self.position
+        parts = [self._central_entry(r) for r in self.records]
+        size = sum(len(p) for p in parts)
+        count = len(self.records)
+        # torch always ends with the ZIP64 end record and locator; the classic record follows.
+        eocd64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, start)
+        locator = struct.pack("<IIQI", 0x07064B50, 0, start + size, 1)
+        eocd = struct.pack(
+            "<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+            size if size < ZIP64_LIMIT else _MARKER, start if start < ZIP64_LIMIT else _MARKER, 0,
+        )
+        return b"".join([*parts, eocd64, locator, eocd])
+
+    @staticmethod
+    def _central_entry(r: _Record) -> bytes:
+        extra = b""
+        size, offset = r.size, r.offset
+        if r.zip64:
+            values = []
+            if r.size >= ZIP64_LIMIT:
+                values += [r.size, r.size]
+                size = _MARKER
+            if r.offset >= ZIP64_LIMIT:
+                values.append(r.offset)
+                offset = _MARKER
+            extra = struct.pack(f"<HH{len(values)}Q", 0x0001, 8 * len(values), *values)
+        version = 45 if r.zip64 else 0
+        return (
+            _CENTRAL.pack(
+                0x02014B50, version, version, _FLAGS, 0, 0, 0, r.crc, size, size,
+                len(r.name), len(extra), 0, 0, 0, 0, offset,
+            )
+            + r.name
+            + extra
+        )

@@ -1,0 +1,159 @@
+"""Tensors as byte ranges in stored files: bounded ranged reads, dtype casts, and read-ahead.
+
+Shared by ``consolidate`` and ``convert``: both describe every output tensor as pieces of source
+files and stream them, so peak memory is a chunk or two, never a tensor file. Torch-free: the
+casts are bit shuffles done in numpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ckptkit.errors import FormatError, InvalidURLError
+from ckptkit.formats.dtypes import torch_itemsize
+from ckptkit.storage import Store
+
+READ_CHUNK = 16 << 20  # bytes per ranged read: bounds memory, large enough to stream at disk speed
+FLOATS = frozenset({"float32", "bfloat16", "float16", "float64"})
+_NUMPY_FLOAT = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``numel`` contiguous elements of ``dtype`` at byte ``offset`` of file ``key``."""
+
+    key: str
+    offset: int
+    numel: int
+
+
+def read_pieces(store: Store, pieces: Iterable[Piece], itemsize: int) -> Iterator[bytes]:
+    """The pieces' bytes in bounded ranged reads; every chunk holds whole elements."""
+    step = READ_CHUNK - READ_CHUNK % itemsize
+    for p in pieces:
+        n = p.numel * itemsize
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            data = store.get(p.key, p.offset + lo, p.offset + hi)
+            if len(data) != hi - lo:
+                raise FormatError(f"{p.key}: file ends inside a tensor at byte {p.offset + lo}")
+            yield data
+
+
+def itemsize_of(dtype: str) -> int:
+    size = torch_itemsize(dtype)
+    if size is None:
+        raise FormatError(f"unknown dtype {dtype!r}")
+    return size
+
+
+def out_dtype(src_dtype: str, dtype: str | None) -> str:
+    """The dtype a tensor is written in: ``dtype`` for floating tensors, else its own."""
+    return dtype if dtype is not None and src_dtype in FLOATS else src_dtype
+
+
+def cast(data: bytes | memoryview, src: str, dst: str) -> bytes | memoryview:
+    """Raw little-endian elements of ``src`` as ``dst``, rounding as torch does; numpy only, no torch.
+
+    torch would cost seconds of import and hundreds of MB of RSS for what is a bit shuffle.
+    """
+    if src == dst:
+        return data
+    import numpy as np
+
+    if src == "bfloat16":  # bf16 is the top half of an fp32
+        wide = (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
+    elif src in _NUMPY_FLOAT:
+        wide = np.frombuffer(data, dtype=_NUMPY_FLOAT[src])
+    else:
+        raise FormatError(f"cannot cast {src} to {dst}")
+    if dst == "bfloat16":
+        bits = wide.astype("<f4", copy=False).view("<u4")
+        # Round to nearest even, NaN to the canonical quiet NaN: c10's round_to_nearest_even.
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
+        rounded[np.isnan(wide)] = 0x7FC0
+        return memoryview(rounded).cast("B")
+    if dst not in _NUMPY_FLOAT:
+        raise FormatError(f"cannot cast {src} to {dst}")
+    return memoryview(wide.astype(_NUMPY_FLOAT[dst])).cast("B")
+
+
+def cast_chunks(chunks: Iterable[bytes | memoryview], src: str, dst: str) -> Iterator[bytes | memoryview]:
+    for data in chunks:
+        yield cast(data, src, dst)
+
+
+def sha256_of(chunks: Iterable[bytes | memoryview]) -> str:
+    # sha256 runs at GB/s through OpenSSL; blake2b here is several times slower.
+    hasher = hashlib.sha256()
+    for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def parse_size(value: str | int) -> int:
+    """``"5GB"`` -> 5e9, ``"500MiB"`` -> 500 * 2**20 (HF's convention: GB is decimal)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise InvalidURLError(f"not a size: {value!r} (expected e.g. 5GB, 500MB, 2GiB)")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if size <= 0:
+        raise InvalidURLError(f"max shard size must be positive, got {value!r}")
+    return size
+
+
+def prefetched(chunks: Iterator[bytes | memoryview], depth: int = 2) -> Iterator[bytes | memoryview]:
+    """``chunks`` produced by a helper thread, ``depth`` ahead of the consumer.
+
+    Reading, casting and hashing (which release the GIL) then overlap the writer's I/O; memory
+    grows by ``depth`` chunks only.
+    """
+    import queue
+    import threading
+
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                box.put(chunk)
+            box.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put(exc)
+
+    worker = threading.Thread(target=produce, name="ckptkit-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                box.get_nowait()
+            worker.join(0.01)
