@@ -104,12 +104,32 @@ def index_checkpoint(
     existing = checkpoint.exists(MANIFEST_NAME)
     if existing and not force:
         raise CommitConflictError(f"{checkpoint.url} is already committed (use --force to re-index)")
+    manifest = build_index_manifest(
+        checkpoint, step=step, metadata=metadata, jobs=jobs, allow_attempt_data=existing
+    )
+    try:
+        publish_manifest(checkpoint, manifest, overwrite=force)
+    except AlreadyExistsError as exc:
+        raise CommitConflictError(f"{checkpoint.url} was committed by another writer meanwhile") from exc
+    return IndexResult(checkpoint.url, manifest, replaced=existing)
+
+
+def build_index_manifest(
+    checkpoint: Store,
+    *,
+    step: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    jobs: int | None = None,
+    allow_attempt_data: bool = False,
+) -> Manifest:
+    """Hash every file below ``checkpoint`` into a manifest, without publishing it
+    (``index`` publishes it in place; ``sync --index`` commits it at the destination only)."""
     objects = [info for info in checkpoint.list("") if _indexable(info)]
     if not objects:
         raise NotFoundError(f"{checkpoint.url}: no files to index")
     for info in objects:
         validate_path(info.key)
-        if ATTEMPT_RE.match(info.key.split("/")[0]) and not existing:
+        if ATTEMPT_RE.match(info.key.split("/")[0]) and not allow_attempt_data:
             raise FormatError(
                 f"{checkpoint.url} holds ckptkit attempt data ({info.key}) from an interrupted "
                 "save; it is debris for 'ckptkit gc', not a checkpoint to index"
@@ -121,15 +141,10 @@ def index_checkpoint(
             FileEntry.from_digest(info.key, digest_object(checkpoint, info.key, info.size, pool))
             for info in objects
         ]
-    manifest = Manifest.create(
+    return Manifest.create(
         step=step if step is not None else layout.step,
         layout=layout.kind,
         files=entries,
         topology=layout.topology,
         metadata={"indexed": True, **(metadata or {})},
     )
-    try:
-        publish_manifest(checkpoint, manifest, overwrite=force)
-    except AlreadyExistsError as exc:
-        raise CommitConflictError(f"{checkpoint.url} was committed by another writer meanwhile") from exc
-    return IndexResult(checkpoint.url, manifest, replaced=existing)

@@ -1,0 +1,665 @@
+"""``sync``: copy committed checkpoints between any two stores, never committing a partial one.
+
+Each checkpoint is copied the way a save writes it: data first, into an attempt place of its own
+at the destination (a hidden staging directory on local disk, ``<name>/ckptkit-<id>/`` on an
+object store), then checked, then the manifest last with the destination's commit protocol. The
+attempt id is derived from the source manifest's id, so a re-run after an interruption finds
+what the last run copied and sends only the rest: a file counts as there when its size and
+digest match, the digest read from the object's user metadata (S3) or re-hashed locally (disk),
+never downloaded. A checkpoint whose committed manifest at the destination lists the same files
+is up to date and costs no transfer at all.
+
+Only committed checkpoints are copied. An incomplete ckptkit save is skipped (copied raw, never
+committed, with ``include_incomplete``); a directory another tool wrote without a manifest is
+refused with the hint to run ``ckptkit index``, or indexed in memory with ``index=True`` (the
+source is not written to).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest, step_from_name
+from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction, delete_checkpoint
+from ckptkit.errors import (
+    EXIT_FINDINGS,
+    EXIT_OK,
+    ChecksumMismatchError,
+    CkptkitError,
+    CommitConflictError,
+    InvalidURLError,
+    ManifestError,
+    NotCommittedError,
+    NotFoundError,
+    VerificationError,
+)
+from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
+from ckptkit.ops.index import build_index_manifest, resolve_deepspeed_latest
+from ckptkit.storage import Store, open_store
+from ckptkit.storage.base import join_key
+from ckptkit.transfer import RetryPolicy, already_copied, copy_object, with_retries
+
+Action = Literal["copy", "up-to-date", "delete", "skip-incomplete", "copy-incomplete", "refuse", "conflict"]
+DEFAULT_JOBS = 8
+_DEEPSPEED_LATEST = "latest"
+
+
+class Progress(Protocol):
+    """What ``sync`` reports while it runs (the CLI draws a bar on a terminal)."""
+
+    def start(self, total_bytes: int, total_files: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def file_done(self) -> None: ...
+    def finish(self) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total_bytes: int, total_files: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def file_done(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One file of a checkpoint to copy: where it is at the source and below the attempt."""
+
+    source_key: str
+    dest_key: str
+    size: int
+    entry: FileEntry | None  # None for raw copies of incomplete checkpoints
+    send: bool
+
+
+@dataclass
+class CheckpointPlan:
+    """What ``sync`` will do with one checkpoint, decided before any byte moves."""
+
+    name: str
+    dest_name: str
+    step: int | None
+    action: Action
+    detail: str = ""
+    manifest: Manifest | None = None
+    files: list[FilePlan] = field(default_factory=list)
+    attempt: str | None = None
+
+    @property
+    def bytes_to_send(self) -> int:
+        return sum(f.size for f in self.files if f.send)
+
+    @property
+    def files_to_send(self) -> int:
+        return sum(1 for f in self.files if f.send)
+
+
+Status = Literal[
+    "committed",
+    "up-to-date",
+    "deleted",
+    "skipped",
+    "copied-uncommitted",
+    "refused",
+    "conflict",
+    "failed",
+    "planned",
+]
+
+
+@dataclass
+class CheckpointOutcome:
+    """What happened to one checkpoint."""
+
+    name: str
+    step: int | None
+    action: Action
+    status: Status
+    files_sent: int = 0
+    bytes_sent: int = 0
+    files_total: int = 0
+    bytes_total: int = 0
+    detail: str = ""
+    exit_code: int = EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SyncReport:
+    source: str
+    destination: str
+    dry_run: bool
+    outcomes: list[CheckpointOutcome]
+    seconds: float = 0.0
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(o.bytes_sent for o in self.outcomes)
+
+    @property
+    def files_sent(self) -> int:
+        return sum(o.files_sent for o in self.outcomes)
+
+    @property
+    def exit_code(self) -> int:
+        return max((o.exit_code for o in self.outcomes), default=EXIT_OK)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+    def count(self, status: Status) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "dry_run": self.dry_run,
+            "ok": self.ok,
+            "bytes_sent": self.bytes_sent,
+            "files_sent": self.files_sent,
+            "seconds": round(self.seconds, 3),
+            "checkpoints": [o.to_json() for o in self.outcomes],
+        }
+
+
+# --- naming -------------------------------------------------------------------------------------
+
+
+def sync_attempt_id(manifest: Manifest) -> str:
+    """The destination attempt id of a synced checkpoint: a function of the source manifest, so
+    every run (and every mirror) of one checkpoint writes to the same place."""
+    return hashlib.sha256(f"ckptkit-sync:{manifest.checkpoint_id}".encode()).hexdigest()[:12]
+
+
+def logical_path(path: str) -> str:
+    """A manifest path without the object-store attempt prefix ``ckptkit-<id>/`` it may carry."""
+    first, sep, rest = path.partition("/")
+    return rest if sep and ATTEMPT_RE.match(first) else path
+
+
+def same_content(a: Manifest, b: Manifest) -> bool:
+    """Two manifests list the same files (paths without attempt prefixes, sizes, digests)."""
+
+    def files(m: Manifest) -> set[tuple[str, int, str]]:
+        return {(logical_path(f.path), f.size, f.digest) for f in m.files}
+
+    return files(a) == files(b)
+
+
+def _remapped(manifest: Manifest, data_prefix: str) -> Manifest:
+    files = tuple(
+        sorted(
+            (
+                dataclasses.replace(f, path=join_key(data_prefix, logical_path(f.path)))
+                for f in manifest.files
+            ),
+            key=lambda f: f.path,
+        )
+    )
+    # Round-trip through the parser: a manifest we commit is one we can read.
+    return parse_manifest(dataclasses.replace(manifest, files=files).to_bytes())
+
+
+# --- resolving what to sync ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncTarget:
+    """Source and destination roots, and the single checkpoint pair when SRC is one checkpoint."""
+
+    src_root: Store
+    dst_root: Store
+    single: tuple[str, str] | None
+
+
+def _split(url: str) -> tuple[str, str]:
+    from ckptkit.api import split_parent
+
+    return split_parent(url)
+
+
+def _is_single_checkpoint(store: Store) -> bool:
+    """A committed checkpoint, or a directory another tool wrote that names a step and holds
+    files at its top level (an HF ``checkpoint-500``, a DeepSpeed ``global_step7``)."""
+    if store.exists(MANIFEST_NAME):
+        return True
+    name = store.url.rstrip("/").rsplit("/", 1)[-1]
+    if step_from_name(name) is None:
+        return False
+    return any("/" not in info.key for info in store.list(""))
+
+
+def resolve_target(
+    src: str | os.PathLike[str] | Store,
+    dst: str | os.PathLike[str] | Store,
+    *,
+    src_options: dict[str, Any] | None = None,
+    dst_options: dict[str, Any] | None = None,
+) -> SyncTarget:
+    """SRC is a root of checkpoints or one checkpoint; DST is then a root or that checkpoint's
+    destination (``DST/`` with a trailing slash: a root to put it in, under the same name)."""
+    src_store = open_store(src, **(src_options or {}))
+    if isinstance(src, Store) or not _is_single_checkpoint(src_store):
+        return SyncTarget(src_store, open_store(dst, **(dst_options or {})), None)
+    if isinstance(dst, Store):
+        raise InvalidURLError("to sync one checkpoint, give the destination as a URL or path")
+    src_parent, src_name = _split(os.fspath(src))
+    dst_text = os.fspath(dst)
+    if dst_text.endswith("/"):
+        dst_parent, dst_name = dst_text.rstrip("/") or "/", src_name
+    else:
+        dst_parent, dst_name = _split(dst_text)
+    return SyncTarget(
+        open_store(src_parent, **(src_options or {})),
+        open_store(dst_parent, **(dst_options or {})),
+        (src_name, dst_name),
+    )
+
+
+def _describe_one(root: Store, name: str) -> CheckpointInfo | None:
+    """The listing entry of one checkpoint, without listing its siblings."""
+    try:
+        manifest = read_manifest(root.child(name))
+    except NotCommittedError:
+        objects = list(root.list(name))
+        if not objects:
+            return None
+        return CheckpointInfo(
+            root.url,
+            name,
+            "incomplete",
+            step_from_name(name),
+            len(objects),
+            sum(o.size for o in objects),
+            None,
+        )
+    except ManifestError:
+        return CheckpointInfo(root.url, name, "invalid", step_from_name(name), 0, 0, None)
+    step = manifest.step if manifest.step is not None else step_from_name(name)
+    return CheckpointInfo(
+        root.url,
+        name,
+        "committed",
+        step,
+        len(manifest.files),
+        manifest.total_size,
+        manifest.created,
+        manifest,
+    )
+
+
+def _holds_attempt_data(root: Store, name: str) -> bool:
+    return any(ATTEMPT_RE.match(o.key.split("/", 1)[0]) for o in root.child(name).list(""))
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+class Syncer:
+    """Plans and runs one sync. Use :func:`sync` unless you need the plan on its own."""
+
+    def __init__(
+        self,
+        target: SyncTarget,
+        *,
+        jobs: int = DEFAULT_JOBS,
+        verify: bool = False,
+        delete: bool = False,
+        include_incomplete: bool = False,
+        index: bool = False,
+        retry: RetryPolicy | None = None,
+        progress: Progress | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        if jobs < 1:
+            raise ValueError("jobs must be at least 1")
+        if delete and target.single is not None:
+            raise InvalidURLError("--delete needs roots of checkpoints, not a single checkpoint")
+        self.target = target
+        self.src_root = target.src_root
+        self.dst_root = target.dst_root
+        self.jobs = jobs
+        self.verify = verify
+        self.delete = delete
+        self.include_incomplete = include_incomplete
+        self.index = index
+        self.retry = retry or RetryPolicy()
+        self.progress = progress or _NoProgress()
+        self.names = set(names) if names is not None else None
+
+    def plan(self, pool: ThreadPoolExecutor) -> list[CheckpointPlan]:
+        if self.target.single is not None:
+            src_name, dst_name = self.target.single
+            src_info = _describe_one(self.src_root, src_name)
+            if src_info is None:
+                raise NotCommittedError(f"{self.src_root.url}/{src_name}: no such checkpoint")
+            pairs = [(src_info, dst_name, _describe_one(self.dst_root, dst_name))]
+            dst_by_name: dict[str, CheckpointInfo] = {}
+        else:
+            sources = list_checkpoints(self.src_root)
+            if not sources and not self._source_exists():
+                raise NotFoundError(f"{self.src_root.url}: nothing there (no such path, or an empty prefix)")
+            if self.names is not None:
+                sources = [c for c in sources if c.name in self.names]
+            dst_by_name = {c.name: c for c in list_checkpoints(self.dst_root)}
+            pairs = [(c, c.name, dst_by_name.get(c.name)) for c in sources]
+        plans = [self._plan_one(src, dst_name, dst, pool) for src, dst_name, dst in pairs]
+        if self.delete:
+            plans.extend(self._plan_deletions([src for src, _, _ in pairs], dst_by_name))
+        return plans
+
+    def _source_exists(self) -> bool:
+        """A local directory that exists (even empty), or a prefix holding any object."""
+        local = self.src_root.local_path("")
+        if local is not None:
+            return local.is_dir()
+        return next(iter(self.src_root.list("")), None) is not None
+
+    def _plan_one(
+        self, src: CheckpointInfo, dst_name: str, dst: CheckpointInfo | None, pool: ThreadPoolExecutor
+    ) -> CheckpointPlan:
+        plan = CheckpointPlan(src.name, dst_name, src.step, "copy")
+        if src.status == "invalid":
+            return dataclasses.replace(
+                plan, action="refuse", detail="the source manifest is invalid: run 'ckptkit verify'"
+            )
+        manifest = src.manifest
+        if src.status == "incomplete":
+            if self.include_incomplete:
+                return self._plan_raw(plan)
+            if _holds_attempt_data(self.src_root, src.name):
+                return dataclasses.replace(
+                    plan,
+                    action="skip-incomplete",
+                    detail="an interrupted save, not committed (use --include-incomplete to copy it raw)",
+                )
+            if not self.index:
+                return dataclasses.replace(
+                    plan,
+                    action="refuse",
+                    detail="no ckptkit manifest (written by another tool?): run 'ckptkit index' on it, "
+                    "or sync with --index",
+                )
+            manifest = build_index_manifest(self.src_root.child(src.name), jobs=self.jobs)
+        assert manifest is not None
+        plan.manifest = manifest
+        if dst is not None and dst.status != "incomplete":
+            if dst.manifest is not None and same_content(manifest, dst.manifest):
+                return dataclasses.replace(plan, action="up-to-date")
+            what = (
+                "an invalid manifest"
+                if dst.manifest is None
+                else f"a different checkpoint (id {dst.manifest.checkpoint_id})"
+            )
+            return dataclasses.replace(
+                plan,
+                action="conflict",
+                detail=f"the destination holds {what} under this name; delete it there first",
+            )
+        plan.attempt = sync_attempt_id(manifest)
+        txn = CheckpointTransaction(self.dst_root, dst_name, attempt=plan.attempt)
+        present = {o.key: o.size for o in txn.files.list("")}
+
+        def file_plan(entry: FileEntry) -> FilePlan:
+            key = logical_path(entry.path)
+            there = key in present and already_copied(txn.files, key, present[key], entry)
+            return FilePlan(entry.path, key, entry.size, entry, send=not there)
+
+        plan.files = list(pool.map(file_plan, manifest.files))
+        return plan
+
+    def _plan_raw(self, plan: CheckpointPlan) -> CheckpointPlan:
+        objects = list(self.src_root.child(plan.name).list(""))
+        files = [FilePlan(o.key, o.key, o.size, None, send=True) for o in objects]
+        return dataclasses.replace(
+            plan,
+            action="copy-incomplete",
+            files=files,
+            detail="incomplete at the source: copied as is and NOT committed",
+        )
+
+    def _plan_deletions(
+        self, sources: list[CheckpointInfo], dst_by_name: dict[str, CheckpointInfo]
+    ) -> list[CheckpointPlan]:
+        source_names = {c.name for c in sources}
+        gone = [c for c in dst_by_name.values() if c.committed and c.name not in source_names]
+        if gone and not source_names and self.names is None:
+            raise InvalidURLError(
+                f"{self.src_root.url} holds no checkpoints: refusing --delete, which would remove all "
+                f"{len(gone)} at {self.dst_root.url} (wrong source path?)"
+            )
+        return [CheckpointPlan(c.name, c.name, c.step, "delete", detail="gone from the source") for c in gone]
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def run(self, *, dry_run: bool = False) -> SyncReport:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="ckptkit-sync") as pool:
+            plans = self.plan(pool)
+            outcomes = [self._planned(p) for p in plans] if dry_run else self._execute(plans, pool)
+        return SyncReport(
+            self.src_root.url, self.dst_root.url, dry_run, outcomes, time.perf_counter() - started
+        )
+
+    def _planned(self, plan: CheckpointPlan) -> CheckpointOutcome:
+        outcome = self._outcome(plan, "planned")
+        outcome.files_sent, outcome.bytes_sent = plan.files_to_send, plan.bytes_to_send
+        if plan.action in ("refuse", "conflict"):
+            outcome.status = "refused" if plan.action == "refuse" else "conflict"
+            outcome.exit_code = EXIT_FINDINGS if plan.action == "refuse" else CommitConflictError.exit_code
+        return outcome
+
+    def _outcome(self, plan: CheckpointPlan, status: Status) -> CheckpointOutcome:
+        return CheckpointOutcome(
+            plan.dest_name,
+            plan.step,
+            plan.action,
+            status,
+            files_total=len(plan.manifest.files) if plan.manifest else len(plan.files),
+            bytes_total=plan.manifest.total_size if plan.manifest else sum(f.size for f in plan.files),
+            detail=plan.detail,
+        )
+
+    def _execute(self, plans: list[CheckpointPlan], pool: ThreadPoolExecutor) -> list[CheckpointOutcome]:
+        sending = [p for p in plans if p.action in ("copy", "copy-incomplete")]
+        self.progress.start(sum(p.bytes_to_send for p in sending), sum(p.files_to_send for p in sending))
+        transfers: dict[int, list[Future[int]] | CkptkitError] = {}
+        for plan in sending:
+            try:
+                transfers[id(plan)] = self._submit(plan, pool)
+            except CkptkitError as exc:  # committed at the destination since we planned
+                transfers[id(plan)] = exc
+        outcomes = []
+        try:
+            for plan in plans:
+                if plan.action != "delete":
+                    outcomes.append(self._finish(plan, transfers.get(id(plan), []), pool))
+        finally:
+            self.progress.finish()
+        copies_failed = any(o.status == "failed" for o in outcomes)
+        for plan in plans:
+            if plan.action == "delete":
+                outcomes.append(self._delete(plan, blocked=copies_failed))
+        if self.target.single is None and not copies_failed:
+            self._sync_deepspeed_latest(outcomes)
+        return outcomes
+
+    def _submit(self, plan: CheckpointPlan, pool: ThreadPoolExecutor) -> list[Future[int]]:
+        if plan.action == "copy":
+            assert plan.attempt is not None
+            dest = CheckpointTransaction(self.dst_root, plan.dest_name, attempt=plan.attempt).files
+        else:
+            dest = self.dst_root.child(plan.dest_name)
+        source = self.src_root.child(plan.name)
+        return [pool.submit(self._send, source, dest, f) for f in plan.files if f.send]
+
+    def _send(self, source: Store, dest: Store, file: FilePlan) -> int:
+        what = f"copying {source.url}/{file.source_key} to {dest.url}/{file.dest_key}"
+        size = with_retries(
+            lambda: copy_object(
+                source, file.source_key, dest, file.dest_key, file.entry, on_bytes=self.progress.advance
+            ),
+            self.retry,
+            what,
+        )
+        self.progress.file_done()
+        return size
+
+    def _finish(
+        self, plan: CheckpointPlan, transfers: list[Future[int]] | CkptkitError, pool: ThreadPoolExecutor
+    ) -> CheckpointOutcome:
+        if plan.action in ("copy", "copy-incomplete"):
+            outcome = self._outcome(plan, "failed")
+            errors = [transfers] if isinstance(transfers, CkptkitError) else []
+            for future in [] if isinstance(transfers, CkptkitError) else transfers:
+                try:
+                    outcome.bytes_sent += future.result()
+                    outcome.files_sent += 1
+                except CkptkitError as exc:
+                    errors.append(exc)
+            if errors:
+                outcome.detail = f"{len(errors)} file(s) failed, not committed: {errors[0]}"
+                outcome.exit_code = max(getattr(e, "exit_code", EXIT_FINDINGS) for e in errors)
+                return outcome
+            if plan.action == "copy-incomplete":
+                outcome.status = "copied-uncommitted"
+                return outcome
+            try:
+                self._commit(plan, pool)
+            except CkptkitError as exc:
+                outcome.detail = f"not committed: {exc}"
+                outcome.exit_code = exc.exit_code
+                return outcome
+            outcome.status = "committed"
+            return outcome
+        outcome = self._planned(plan)
+        outcome.files_sent = outcome.bytes_sent = 0
+        outcome.status = {
+            "up-to-date": "up-to-date",
+            "skip-incomplete": "skipped",
+            "refuse": "refused",
+            "conflict": "conflict",
+        }[plan.action]
+        return outcome
+
+    def _commit(self, plan: CheckpointPlan, pool: ThreadPoolExecutor) -> None:
+        """Check the attempt holds exactly the manifest's files, then commit the manifest."""
+        assert plan.manifest is not None and plan.attempt is not None
+        txn = CheckpointTransaction(self.dst_root, plan.dest_name, attempt=plan.attempt)
+        present = {o.key: o.size for o in txn.files.list("")}
+        wanted = {f.dest_key: f for f in plan.files}
+        wrong = sorted(k for k, f in wanted.items() if present.get(k) != f.size)
+        if wrong:
+            raise VerificationError(
+                f"{txn.files.url}: missing or wrong size after copy: {', '.join(wrong)}", wrong
+            )
+        for key in present.keys() - wanted.keys():
+            txn.files.delete(key)  # debris of a killed write (a local temp file): not ours to commit
+        if self.verify:
+            self._verify_copies(txn.files, plan, pool)
+        manifest = _remapped(plan.manifest, txn.data_prefix)
+        with_retries(
+            lambda: txn.commit_manifest(manifest),
+            self.retry,
+            f"committing {self.dst_root.url}/{plan.dest_name}",
+        )
+
+    def _verify_copies(self, files: Store, plan: CheckpointPlan, pool: ThreadPoolExecutor) -> None:
+        from ckptkit.hashing import digest_object
+
+        bad = []
+        for f in plan.files:
+            assert f.entry is not None
+            if digest_object(files, f.dest_key, f.size, pool).digest != f.entry.digest:
+                files.delete(f.dest_key)  # so that a re-run sends it again
+                bad.append(f.dest_key)
+        if bad:
+            raise ChecksumMismatchError(
+                f"{files.url}/{bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""),
+                "the source manifest's digest",
+                "different bytes on read-back",
+                (0, 0),
+            )
+
+    def _delete(self, plan: CheckpointPlan, *, blocked: bool) -> CheckpointOutcome:
+        outcome = self._outcome(plan, "deleted")
+        if blocked:
+            outcome.status, outcome.detail = "skipped", "not deleted: some copies failed in this run"
+            return outcome
+        try:
+            with_retries(
+                lambda: delete_checkpoint(self.dst_root, plan.dest_name),
+                self.retry,
+                f"deleting {plan.dest_name}",
+            )
+        except CkptkitError as exc:
+            outcome.status, outcome.detail, outcome.exit_code = "failed", str(exc), exc.exit_code
+        return outcome
+
+    def _sync_deepspeed_latest(self, outcomes: list[CheckpointOutcome]) -> None:
+        """Carry DeepSpeed's ``latest`` over once the tag it names is committed at the destination,
+        so DeepSpeed's own loader works there too."""
+        if not self.src_root.exists(_DEEPSPEED_LATEST):
+            return
+        tag = resolve_deepspeed_latest(self.src_root)
+        if tag is None or not any(
+            o.name == tag and o.status in ("committed", "up-to-date") for o in outcomes
+        ):
+            return
+        current = self.dst_root.get(_DEEPSPEED_LATEST) if self.dst_root.exists(_DEEPSPEED_LATEST) else None
+        if current is None or current.decode(errors="replace").strip() != tag:
+            self.dst_root.put(_DEEPSPEED_LATEST, tag.encode())
+
+
+def sync(
+    src: str | os.PathLike[str] | Store,
+    dst: str | os.PathLike[str] | Store,
+    *,
+    jobs: int = DEFAULT_JOBS,
+    verify: bool = False,
+    delete: bool = False,
+    dry_run: bool = False,
+    include_incomplete: bool = False,
+    index: bool = False,
+    retry: RetryPolicy | None = None,
+    progress: Progress | None = None,
+    names: Sequence[str] | None = None,
+    src_options: dict[str, Any] | None = None,
+    dst_options: dict[str, Any] | None = None,
+) -> SyncReport:
+    """Copy the committed checkpoints of ``src`` to ``dst`` (roots, or one checkpoint each).
+
+    Returns a report; per-checkpoint failures are in it (``report.ok``, ``report.exit_code``),
+    not raised, so one bad checkpoint does not stop the others. Usage errors (a missing source,
+    ``--delete`` from an empty source) raise.
+    """
+    target = resolve_target(src, dst, src_options=src_options, dst_options=dst_options)
+    syncer = Syncer(
+        target,
+        jobs=jobs,
+        verify=verify,
+        delete=delete,
+        include_incomplete=include_incomplete,
+        index=index,
+        retry=retry,
+        progress=progress,
+        names=names,
+    )
+    return syncer.run(dry_run=dry_run)
