@@ -15,6 +15,9 @@
   store. A rank that raised or died never reaches the gather, so the survivors get
   :class:`DistributedCommitError` (at the latest after ``timeout_s``) and nothing is committed.
 
+The protocol itself (shared attempt, gather, commit on rank 0) is :mod:`ckptkit.distributed`,
+which ckptkit's native multi-rank saves use too.
+
 DeepSpeed also writes some files itself with plain file I/O, outside the checkpoint engine: the
 ``latest`` file (``save_checkpoint(save_latest=True)``) and the ``zero_to_fp32.py`` /
 ``zero_to_torch.py`` recovery scripts. :func:`save_checkpoint` therefore gives DeepSpeed a
@@ -47,27 +50,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from ckptkit.catalog import list_checkpoints, read_manifest, step_from_name
 from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction
-from ckptkit.errors import (
-    ChecksumMismatchError,
-    CkptkitError,
-    ManifestError,
-    NotCommittedError,
-    NotFoundError,
+from ckptkit.distributed import (
+    DEFAULT_TIMEOUT_S,
+    AttemptSink,
+    CommitGroup,
+    DistributedCommitError,
+    SharedAttempt,
+    commit_shared_attempt,
+    open_shared_attempt,
 )
-from ckptkit.hashing import StreamingDigest, digest_bytes
+from ckptkit.errors import ChecksumMismatchError, ManifestError, NotCommittedError, NotFoundError
+from ckptkit.hashing import digest_bytes
 from ckptkit.manifest import FileEntry, Manifest, validate_path
 from ckptkit.safe import safe_globals
 from ckptkit.storage import Store, open_store
-from ckptkit.storage.base import join_key
 
 __all__ = [
     "LATEST_NAME",
@@ -82,13 +86,8 @@ __all__ = [
 
 LAYOUT = "deepspeed"
 LATEST_NAME = "latest"  # DeepSpeed's own name, so tools that read it keep working
-DEFAULT_TIMEOUT_S = 300.0
 
 log = logging.getLogger(__name__)
-
-
-class DistributedCommitError(CkptkitError, RuntimeError):
-    """A multi-rank save was not committed: a rank failed, died or timed out, or the commit failed."""
 
 
 @dataclass
@@ -97,10 +96,8 @@ class _SaveAttempt:
 
     tag: str
     save_dir: str  # DeepSpeed's save_dir as an absolute path: only used to name files
-    files: Store  # where this attempt's files go (shared by all ranks)
-    data_prefix: str  # the attempt prefix inside the checkpoint ("" for local staging)
-    transaction: CheckpointTransaction | None  # rank 0 only
-    entries: list[FileEntry] = field(default_factory=list)
+    shared: SharedAttempt  # the attempt all ranks write into
+    sink: AttemptSink  # this rank's files in it
 
 
 class CkptkitCheckpointEngine(CheckpointEngine):
@@ -121,11 +118,9 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         super().__init__(None)
         self.name = "CkptkitCheckpointEngine"
         self.root: Store = open_store(root_url, **storage_options)
-        self.timeout = dt.timedelta(seconds=timeout_s)
         self._engine = engine  # the DeepSpeed engine, for the manifest's step and topology
-        # A gloo group of its own: its timeout applies to the commit barrier whatever the training
-        # backend's is (NCCL's or gloo's default is 30 min), and object collectives on gloo need no GPU.
-        self._group = dist.new_group(backend="gloo", timeout=self.timeout) if dist.is_initialized() else None
+        # Created once, here: a group per save would cost a rendezvous on every save.
+        self._group = CommitGroup(timeout_s)
         self._save: _SaveAttempt | None = None
         self._load_map: dict[str, tuple[Store, FileEntry]] = {}
         self.last_committed: str | None = None
@@ -134,14 +129,14 @@ class CkptkitCheckpointEngine(CheckpointEngine):
 
     @property
     def rank(self) -> int:
-        return dist.get_rank() if self._group is not None else 0
+        return self._group.rank
+
+    @property
+    def timeout(self) -> dt.timedelta:
+        return self._group.timeout
 
     def _broadcast_from_0(self, value: Any) -> Any:
-        if self._group is None:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self._group)
-        return box[0]
+        return self._group.broadcast_from_0(value)
 
     # --- save --------------------------------------------------------------------------------
 
@@ -153,29 +148,9 @@ class CkptkitCheckpointEngine(CheckpointEngine):
             os.makedirs(path, exist_ok=True)
 
     def create(self, info: CheckpointCommitInfo) -> None:
-        tag = validate_path(str(info.tag))
-        opened: tuple[str, str] | str
-        transaction = None
-        if self.rank == 0:
-            try:
-                transaction = CheckpointTransaction(self.root, tag)
-                # Public attributes only: the files store's place relative to the root.
-                files_key = transaction.files.url[len(self.root.url) :].strip("/")
-                opened = (files_key, transaction.data_prefix)
-            except Exception as exc:  # every rank must learn of it, or the others would wait
-                opened = f"{type(exc).__name__}: {exc}"
-        else:
-            opened = ""
-        opened = self._broadcast_from_0(opened)
-        if isinstance(opened, str):
-            raise DistributedCommitError(f"{self.root.url}/{tag}: cannot start the save: {opened}")
-        files_key, data_prefix = opened
+        shared = open_shared_attempt(self._group, self.root, str(info.tag))
         self._save = _SaveAttempt(
-            tag=tag,
-            save_dir=os.path.abspath(str(info.save_dir)),
-            files=self.root.child(files_key),
-            data_prefix=data_prefix,
-            transaction=transaction,
+            tag=shared.name, save_dir=os.path.abspath(str(info.save_dir)), shared=shared, sink=shared.sink()
         )
 
     def _key_for(self, attempt: _SaveAttempt, path: str) -> str:
@@ -192,47 +167,26 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         key = self._key_for(attempt, path)
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
-        hasher = StreamingDigest()
-        attempt.files.put(key, hasher.tee([buffer.getbuffer()]))
-        attempt.entries.append(FileEntry.from_digest(join_key(attempt.data_prefix, key), hasher.result()))
+        attempt.sink.write(key, [buffer.getbuffer()])
 
     def commit(self, info: CheckpointCommitInfo) -> bool:
         attempt, self._save = self._save, None
         if attempt is None:
             raise RuntimeError("CkptkitCheckpointEngine.commit called without create")
-        where = f"{self.root.url}/{attempt.tag}"
-        try:
-            gathered: list[Any] = [attempt.entries]
-            if self._group is not None:
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, attempt.entries, group=self._group)
-        except Exception as exc:  # a dead peer (connection reset) or a timeout
-            if attempt.transaction is not None:
-                attempt.transaction.abort()
-            raise DistributedCommitError(
-                f"{where}: not committed: a rank failed, died or did not reach the commit within "
-                f"{self.timeout.total_seconds():g} s ({type(exc).__name__}: {exc})"
-            ) from exc
 
-        status = "ok"
-        if attempt.transaction is not None:
-            try:
-                attempt.transaction.add_entries(e for entries in gathered for e in entries)
-                attempt.transaction.commit(
-                    step=self._step(attempt.tag),
-                    layout=LAYOUT,
-                    topology=self._topology(),
-                    metadata={"tag": attempt.tag, "deepspeed_version": _deepspeed_version()},
-                )
-                if info.save_latest:
-                    # After the commit: a crash before this line leaves `latest` at the previous tag.
-                    self.root.put(LATEST_NAME, attempt.tag.encode())
-            except Exception as exc:
-                attempt.transaction.abort()  # a no-op once committed
-                status = f"{type(exc).__name__}: {exc}"
-        status = self._broadcast_from_0(status)
-        if status != "ok":
-            raise DistributedCommitError(f"{where}: commit failed on rank 0: {status}")
+        def commit_on_rank_0(transaction: CheckpointTransaction, _by_rank: Any) -> Manifest:
+            manifest = transaction.commit(
+                step=self._step(attempt.tag),
+                layout=LAYOUT,
+                topology=self._topology(),
+                metadata={"tag": attempt.tag, "deepspeed_version": _deepspeed_version()},
+            )
+            if info.save_latest:
+                # After the commit: a crash before this line leaves `latest` at the previous tag.
+                self.root.put(LATEST_NAME, attempt.tag.encode())
+            return manifest
+
+        commit_shared_attempt(self._group, attempt.shared, attempt.sink.entries, commit_on_rank_0)
         self.last_committed = attempt.tag
         return True
 
@@ -244,7 +198,7 @@ class CkptkitCheckpointEngine(CheckpointEngine):
     def _topology(self) -> dict[str, Any] | None:
         engine = self._engine
         if engine is None:
-            return {"world_size": dist.get_world_size() if self._group is not None else 1}
+            return {"world_size": self._group.world_size}
         return {
             "world_size": int(engine.world_size),
             "dp_world_size": int(engine.dp_world_size),
