@@ -33,16 +33,33 @@ _EXPORTS = {
     "safe_globals": "ckptkit.safe",
     "Store": "ckptkit.storage",
     "open_store": "ckptkit.storage",
+    "convert": "ckptkit.ops.convert",
+    "sync": "ckptkit.ops.sync",
+    "SyncReport": "ckptkit.ops.sync",
+    "RetryPolicy": "ckptkit.transfer",
+    "Mirror": "ckptkit.mirror",
+    "MirrorError": "ckptkit.mirror",
+    "RetentionPolicy": "ckptkit.retention",
+    "DistributedCommitError": "ckptkit.distributed",
+    "TopologyMismatchError": "ckptkit.distributed",
 }
 
 __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CkptkitError",
+    "DistributedCommitError",
     "Manifest",
+    "Mirror",
+    "MirrorError",
+    "RetentionPolicy",
+    "RetryPolicy",
     "Store",
+    "SyncReport",
+    "TopologyMismatchError",
     "__version__",
     "collect_garbage",
+    "convert",
     "doctor",
     "index_checkpoint",
     "inspect_path",
@@ -55,6 +72,7 @@ __all__ = [
     "safe_load",
     "save",
     "scan",
+    "sync",
     "verify_checkpoint",
     "verify_tree",
 ]
@@ -76,14 +94,20 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ckptkit.api import load, save
     from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest
+    from ckptkit.distributed import DistributedCommitError, TopologyMismatchError
     from ckptkit.errors import CkptkitError
     from ckptkit.manager import CheckpointManager
     from ckptkit.manifest import Manifest
+    from ckptkit.mirror import Mirror, MirrorError
+    from ckptkit.ops.convert import convert
     from ckptkit.ops.doctor import doctor
     from ckptkit.ops.gc import collect_garbage
     from ckptkit.ops.index import index_checkpoint
     from ckptkit.ops.inspect import inspect_path
     from ckptkit.ops.scan import scan
+    from ckptkit.ops.sync import SyncReport, sync
     from ckptkit.ops.verify import verify_checkpoint, verify_tree
+    from ckptkit.retention import RetentionPolicy
     from ckptkit.safe import safe_globals, safe_load
     from ckptkit.storage import Store, open_store
+    from ckptkit.transfer import RetryPolicy

@@ -1,30 +1,38 @@
-"""``CheckpointManager``: periodic saves under one root, latest/restore, and retention."""
+"""``CheckpointManager``: periodic saves under one root, latest/restore, retention, mirroring."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ckptkit.api import DEFAULT_MAX_SHARD_SIZE, load_from, save_to
 from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints
 from ckptkit.commit import delete_checkpoint, step_dir_name
+from ckptkit.distributed import DEFAULT_TIMEOUT_S, world
 from ckptkit.errors import NotCommittedError
+from ckptkit.retention import RetentionPolicy
 from ckptkit.storage import Store, open_store
 
-
-def select_expired(committed: list[CheckpointInfo], keep_last: int | None) -> list[CheckpointInfo]:
-    """Committed checkpoints that retention removes; the newest is never among them."""
-    if keep_last is None or len(committed) <= keep_last:
-        return []
-    return committed[: len(committed) - keep_last]
+if TYPE_CHECKING:
+    from ckptkit.mirror import Mirror, MirrorStatus
 
 
 class CheckpointManager:
     """Save, find and restore checkpoints ``step-<N>`` under ``root_url`` (a path or a URL).
 
-    ``save`` commits atomically and only then applies retention (``keep_last``), so a crash can
-    cost at most the checkpoint being written, never one already committed.
+    ``save`` commits atomically and only then applies retention, so a crash can cost at most the
+    checkpoint being written, never one already committed. Retention: ``keep_last``,
+    ``keep_every``, ``keep_best`` (+ ``best_mode``), or a :class:`RetentionPolicy` as
+    ``retention``; a checkpoint is kept if any rule keeps it, and the newest and the best are
+    never deleted (metrics come from ``save(..., metrics=...)``).
+
+    ``mirror="s3://bucket/run"`` uploads each committed checkpoint there in a background thread
+    (``save`` waits only for the local commit); retention deletes at the mirror too, and a
+    checkpoint still uploading is deleted locally only once it is mirrored. ``mirror_status()``
+    tells what is uploaded, pending and failed; ``close()`` waits for the uploads and raises
+    :class:`~ckptkit.mirror.MirrorError` if any failed. Opening a manager on a root whose
+    uploads an earlier process left unfinished finishes them in the background.
     """
 
     def __init__(
@@ -32,16 +40,34 @@ class CheckpointManager:
         root_url: str | os.PathLike[str] | Store,
         *,
         keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: str | None = None,
+        best_mode: Literal["min", "max"] = "min",
+        retention: RetentionPolicy | None = None,
+        mirror: str | Store | None = None,
+        mirror_options: dict[str, Any] | None = None,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         jobs: int = 4,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         **storage_options: Any,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be at least 1 (the newest checkpoint is always kept)")
+        rules = {"keep_last": keep_last, "keep_every": keep_every, "keep_best": keep_best}
+        if retention is not None and any(v is not None for v in rules.values()):
+            raise ValueError("give either retention= or keep_last/keep_every/keep_best, not both")
+        self.retention = retention or RetentionPolicy(**rules, best_mode=best_mode)
         self.root = open_store(root_url, **storage_options)
-        self.keep_last = keep_last
         self.max_shard_size = max_shard_size
         self.jobs = jobs
+        self.timeout_s = timeout_s
+        # Under torch.distributed every rank saves its shard and gets the same manifest back;
+        # rank 0 alone deletes and uploads.
+        self._leader = world()[0] == 0
+        self.mirror: Mirror | None = None
+        if mirror is not None and self._leader:
+            from ckptkit.mirror import Mirror
+
+            self.mirror = Mirror(self.root, mirror, **(mirror_options or {}))
+            self.mirror.catch_up()
 
     def save(
         self,
@@ -50,22 +76,42 @@ class CheckpointManager:
         *,
         metrics: dict[str, float] | None = None,
         metadata: dict[str, Any] | None = None,
+        replicated: bool = False,
     ) -> CheckpointInfo:
-        """Commit ``state`` as checkpoint ``step``, then apply retention."""
+        """Commit ``state`` as checkpoint ``step``, then mirror it and apply retention.
+
+        Under ``torch.distributed`` this is collective: every rank passes its own state (or the
+        same one with ``replicated=True``, which rank 0 alone writes).
+        """
         name = step_dir_name(step)
         manifest = save_to(
             self.root, name, state, step=step, metadata=metadata, metrics=metrics,
-            max_shard_size=self.max_shard_size, jobs=self.jobs,
+            max_shard_size=self.max_shard_size, jobs=self.jobs, replicated=replicated,
+            timeout_s=self.timeout_s,
         )
-        self._apply_retention()
+        if self._leader:
+            if self.mirror is not None:
+                self.mirror.submit(name)
+            self._apply_retention()
         return CheckpointInfo(
             self.root.url, name, "committed", step, len(manifest.files), manifest.total_size,
             manifest.created, manifest,
         )
 
     def _apply_retention(self) -> None:
-        for info in select_expired(self.list(), self.keep_last):
+        if not self.retention.has_rules:
+            return
+        uploading = self.mirror.pending() if self.mirror is not None else set()
+        for info in self.retention.select_expired(self.list()):
+            if info.name in uploading:
+                continue  # deleted by a later pass, once the mirror has it
             delete_checkpoint(self.root, info.name)
+            if self.mirror is not None:
+                self.mirror.remove(info.name)
+
+    def mirror_status(self) -> MirrorStatus | None:
+        """What the background mirror has uploaded, has pending and failed; None without one."""
+        return self.mirror.status() if self.mirror is not None else None
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first."""
@@ -94,7 +140,15 @@ class CheckpointManager:
         return load_from(self.root.child(name), keys=keys, map_location=map_location, mmap=mmap)
 
     def close(self) -> None:
-        self.root.close()
+        """Finish mirror uploads (raising :class:`~ckptkit.mirror.MirrorError` if some failed),
+        apply the retention they postponed, and release the stores."""
+        try:
+            if self.mirror is not None:
+                self.mirror.wait()
+                self._apply_retention()
+                self.mirror.close()
+        finally:
+            self.root.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

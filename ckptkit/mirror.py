@@ -1,0 +1,224 @@
+"""Background mirroring: committed checkpoints uploaded to a second store while training goes on.
+
+Training waits only for the local commit. One worker thread then copies each checkpoint with
+``sync`` (so the remote commits it the same way: data first, manifest last, and a killed upload
+leaves no committed checkpoint there), deletes at the remote what retention deleted locally, and
+keeps a status that says what is uploaded, pending and failed. Failures are never silent: they
+are logged, kept in :meth:`Mirror.status`, tried again with the next job, and raised by
+:meth:`Mirror.close`. A mirror started on a root that an earlier process left half-uploaded
+finishes those uploads first (:meth:`Mirror.catch_up`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ckptkit.catalog import list_checkpoints
+from ckptkit.commit import delete_checkpoint
+from ckptkit.errors import CkptkitError
+from ckptkit.ops.sync import DEFAULT_JOBS, Syncer, SyncReport, SyncTarget
+from ckptkit.storage import Store, open_store
+from ckptkit.transfer import RetryPolicy, with_retries
+
+log = logging.getLogger("ckptkit.mirror")
+
+_Job = tuple[Literal["upload", "delete", "catch-up", "stop"], str]
+
+
+class MirrorError(CkptkitError):
+    """Some checkpoints could not be mirrored; ``failed`` maps each name to its last error."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, failed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+@dataclass
+class MirrorStatus:
+    """A snapshot of the mirror: what is at the remote, on its way, and failed (with why)."""
+
+    target: str
+    uploaded: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class Mirror:
+    """Mirror checkpoints of ``source`` (a root) to ``target`` (a root URL or store)."""
+
+    def __init__(
+        self,
+        source: Store,
+        target: str | Store,
+        *,
+        jobs: int = DEFAULT_JOBS,
+        retry: RetryPolicy | None = None,
+        **storage_options: Any,
+    ) -> None:
+        self.source = source
+        self.target = open_store(target, **storage_options)
+        self.jobs = jobs
+        self.retry = retry or RetryPolicy()
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._outstanding = 0
+        self._pending: list[str] = []
+        self._status = MirrorStatus(self.target.url)
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="ckptkit-mirror", daemon=True)
+        self._thread.start()
+        # A script that never calls close() still gets its uploads finished (or reported) at exit.
+        # It must run before concurrent.futures refuses new work at interpreter shutdown, which a
+        # plain atexit handler would not: threading's exit hooks run first, the newest first.
+        register = getattr(threading, "_register_atexit", atexit.register)
+        register(_close_at_exit, weakref.ref(self))
+
+    # --- what callers ask for --------------------------------------------------------------------
+
+    def submit(self, name: str) -> None:
+        """Upload checkpoint ``name`` (committed under ``source``) in the background."""
+        with self._lock:
+            retry_now = [n for n in self._status.failed if n != name and n not in self._pending]
+        for failed in retry_now:  # each new job is also a new try for what failed before
+            self._put(("upload", failed))
+        self._put(("upload", name))
+
+    def remove(self, name: str) -> None:
+        """Delete checkpoint ``name`` at the remote (retention deleted it locally)."""
+        self._put(("delete", name))
+
+    def catch_up(self) -> None:
+        """Upload every committed checkpoint of ``source`` that the remote lacks or holds only
+        partly (a process killed mid-upload), in the background."""
+        self._put(("catch-up", ""))
+
+    def pending(self) -> set[str]:
+        """Checkpoints queued or being uploaded: retention must not delete them locally yet."""
+        with self._lock:
+            return set(self._pending)
+
+    def status(self) -> MirrorStatus:
+        with self._lock:
+            return MirrorStatus(
+                self._status.target,
+                list(self._status.uploaded),
+                list(self._pending),
+                dict(self._status.failed),
+                list(self._status.deleted),
+                self._status.bytes_sent,
+            )
+
+    def wait(self, timeout: float | None = None) -> MirrorStatus:
+        """Block until every queued job has run (or ``timeout`` seconds passed)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._outstanding == 0, timeout=timeout)
+        return self.status()
+
+    def close(self, timeout: float | None = None, *, raise_on_error: bool = True) -> MirrorStatus:
+        """Finish queued uploads, stop the worker; raise :class:`MirrorError` if any failed."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(("stop", ""))
+            self._thread.join(timeout)
+        status = self.status()
+        if raise_on_error and (status.failed or status.pending):
+            problems = dict(status.failed)
+            problems.update({name: "still pending when the mirror closed" for name in status.pending})
+            details = "; ".join(f"{name}: {why}" for name, why in sorted(problems.items()))
+            raise MirrorError(
+                f"{len(problems)} checkpoint(s) not mirrored to {self.target.url}: {details}", problems
+            )
+        return status
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def _put(self, job: _Job) -> None:
+        if self._closed:
+            raise CkptkitError(f"the mirror to {self.target.url} is closed")
+        self._enqueue(job)
+
+    def _enqueue(self, job: _Job) -> None:
+        with self._lock:
+            self._outstanding += 1
+            if job[0] == "upload":
+                self._pending.append(job[1])
+        self._queue.put(job)
+
+    def _work(self) -> None:
+        while True:
+            kind, name = self._queue.get()
+            if kind == "stop":
+                if self._queue.empty():
+                    return
+                self._queue.put((kind, name))  # jobs a catch-up queued behind the stop run first
+                continue
+            try:
+                self._run(kind, name)
+            except Exception as exc:  # the worker must survive anything a job throws
+                log.warning(
+                    "mirror %s of %s to %s failed: %s", kind, name or "the root", self.target.url, exc
+                )
+                with self._lock:
+                    self._status.failed[name or "<catch-up>"] = str(exc)
+            finally:
+                with self._idle:
+                    if kind == "upload":
+                        self._pending.remove(name)
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+    def _run(self, kind: str, name: str) -> None:
+        if kind == "delete":
+            with_retries(lambda: delete_checkpoint(self.target, name), self.retry, f"deleting {name}")
+            with self._lock:
+                self._status.deleted.append(name)
+                self._status.failed.pop(name, None)
+            return
+        if kind == "catch-up":
+            for info in list_checkpoints(self.source, read_manifests=False):
+                if info.committed and info.name not in self.pending():
+                    self._enqueue(("upload", info.name))
+            return
+        syncer = Syncer(SyncTarget(self.source, self.target, (name, name)), jobs=self.jobs, retry=self.retry)
+        self._record(syncer.run())
+
+    def _record(self, report: SyncReport) -> None:
+        with self._lock:
+            self._status.bytes_sent += report.bytes_sent
+            for outcome in report.outcomes:
+                if outcome.status in ("committed", "up-to-date"):
+                    self._status.failed.pop(outcome.name, None)
+                    if outcome.name not in self._status.uploaded:
+                        self._status.uploaded.append(outcome.name)
+                elif outcome.status in ("failed", "conflict", "refused"):
+                    self._status.failed[outcome.name] = outcome.detail
+                    log.warning(
+                        "mirror of %s to %s failed: %s", outcome.name, self.target.url, outcome.detail
+                    )
+
+
+def _close_at_exit(ref: weakref.ref[Mirror]) -> None:
+    mirror = ref()
+    if mirror is None or mirror._closed:
+        return
+    pending = mirror.pending()
+    if pending:
+        log.warning("waiting for %d mirror upload(s) to %s before exit", len(pending), mirror.target.url)
+    status = mirror.close(raise_on_error=False)
+    if status.failed:
+        log.error("not mirrored to %s: %s", mirror.target.url, status.failed)
