@@ -1,0 +1,361 @@
+"""Hugging Face Trainer: every ``checkpoint-N/`` committed, verified and retained by ckptkit.
+
+The Trainer writes ``checkpoint-N/`` in place (model, optimizer, scheduler, RNG, trainer state)
+and only then calls ``on_save``. :class:`CkptkitCallback` turns that directory into a ckptkit
+checkpoint in ``on_save``: every file is fsynced and hashed, and the manifest is written LAST,
+create-only. A directory without a manifest (a save killed midway) is therefore never a
+checkpoint: :func:`latest_committed_checkpoint` skips it, where HF's ``get_last_checkpoint``
+returns it because it looks only at directory names.
+
+Retention is ckptkit's (:class:`ckptkit.retention.RetentionPolicy`), run after the new checkpoint
+committed and verified, and replaces ``save_total_limit``, which
+
+* runs inside ``_save_checkpoint``, before ``on_save``: HF deletes old checkpoints before the new
+  one is complete, and deletes with ``rmtree``, so a crash midway leaves a half-deleted directory;
+* deletes every checkpoint but the best at the end of training when ``save_total_limit=1`` and
+  ``load_best_model_at_end`` are combined.
+
+Here checkpoints are ordered by the step in their manifest (``checkpoint-10`` after
+``checkpoint-9``), deletion uncommits first (:func:`ckptkit.commit.delete_checkpoint`), and the
+newest checkpoint and the Trainer's ``best_model_checkpoint`` are never deleted.
+
+Multi-process training: every process calls ``on_save``; the processes meet at a barrier (with
+DeepSpeed or FSDP every rank writes files into the directory) and only the world process zero
+commits, verifies and deletes. Hyper-parameter search (``run-<trial>/`` sub-directories) is not
+supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from transformers import TrainerCallback
+
+from ckptkit.catalog import CheckpointInfo, list_checkpoints
+from ckptkit.commit import delete_checkpoint, publish_manifest
+from ckptkit.errors import AlreadyExistsError, CommitConflictError, NotFoundError, VerificationError
+from ckptkit.hashing import digest_object
+from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
+from ckptkit.ops.index import detect_layout
+from ckptkit.ops.verify import VerifyReport, default_jobs, verify_checkpoint
+from ckptkit.storage import Store, open_store
+from ckptkit.storage.local import TEMP_MARKER
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ckptkit.mirror import Mirror, MirrorStatus
+    from ckptkit.retention import RetentionPolicy
+
+__all__ = [
+    "PRODUCER",
+    "CkptkitCallback",
+    "apply_retention",
+    "commit_hf_checkpoint",
+    "latest_committed_checkpoint",
+    "metrics_at_step",
+    "verify_or_uncommit",
+]
+
+logger = logging.getLogger(__name__)
+
+PRODUCER = "ckptkit.integrations.hf"
+# HF's own pattern (transformers.trainer_utils._re_checkpoint): only these names are resumable.
+_HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+VerifyMode = Literal["full", "quick"]
+
+
+def hf_checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def _is_hf_checkpoint(info: CheckpointInfo) -> bool:
+    return _HF_CHECKPOINT.match(info.name) is not None
+
+
+def latest_committed_checkpoint(output_dir: str | os.PathLike[str], *, quick: bool = True) -> str | None:
+    """The path of the newest committed ``checkpoint-N`` in ``output_dir`` that verifies, or None.
+
+    Pass it as ``trainer.train(resume_from_checkpoint=...)``. Directories without a manifest
+    (a save that was killed) are skipped; so is a committed one that fails verification, with a
+    warning, in favour of the next older one. ``quick`` checks presence and sizes only; pass
+    ``quick=False`` to re-hash every file before a long resume.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None  # first run: nothing to resume
+    store = open_store(root)
+    committed = [c for c in list_checkpoints(store) if c.committed and _is_hf_checkpoint(c)]
+    for info in reversed(committed):  # oldest first by step, so newest first here
+        report = verify_checkpoint(store.child(info.name), quick=quick)
+        if report.ok:
+            return str(root / info.name)
+        logger.warning("skipping %s: it fails verification: %s", info.url, _summary(report))
+    return None
+
+
+def _summary(report: VerifyReport) -> str:
+    return "; ".join(f.message for f in report.findings if f.severity == "error")
+
+
+def _fsync_files(directory: Path, keys: list[str]) -> None:
+    """Make the Trainer's writes durable before the manifest says they are there: HF does not
+    fsync, and a manifest that survives a power loss must not list files that did not."""
+    for key in keys:
+        fd = os.open(directory / key, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _indexable(key: str) -> bool:
+    return key != MANIFEST_NAME and not key.rsplit("/", 1)[-1].startswith(TEMP_MARKER)
+
+
+def commit_hf_checkpoint(
+    root: Store,
+    name: str,
+    *,
+    step: int,
+    metrics: dict[str, float] | None = None,
+    metadata: dict[str, Any] | None = None,
+    jobs: int | None = None,
+) -> Manifest:
+    """Hash every file of the Trainer-written ``root/name`` and commit its manifest, create-only.
+
+    Unlike :func:`ckptkit.ops.index.index_checkpoint` this indexes the whole directory even when
+    it holds a DeepSpeed ``latest`` file (HF + DeepSpeed writes ``checkpoint-N/global_stepN/``
+    plus ``latest``: the Trainer's checkpoint is all of it) and records the Trainer's metrics.
+    """
+    checkpoint = root.child(name)
+    objects = [info for info in checkpoint.list("") if _indexable(info.key)]
+    if not objects:
+        raise NotFoundError(f"{checkpoint.url}: the Trainer wrote no files here")
+    for info in objects:
+        validate_path(info.key)
+    local = checkpoint.local_path("")
+    if local is not None and checkpoint.capabilities.durable_writes:
+        _fsync_files(local, [o.key for o in objects])
+        root.sync_prefix(name)
+    layout = detect_layout(checkpoint, [o.key for o in objects], name)
+    with ThreadPoolExecutor(max_workers=jobs or default_jobs()) as pool:
+        entries = [
+            FileEntry.from_digest(o.key, digest_object(checkpoint, o.key, o.size, pool)) for o in objects
+        ]
+    manifest = Manifest.create(
+        step=step, layout=layout.kind, files=entries, topology=layout.topology,
+        metadata=metadata, metrics=metrics,
+    )
+    try:
+        publish_manifest(checkpoint, manifest)
+    except AlreadyExistsError as exc:
+        raise CommitConflictError(
+            f"{checkpoint.url} was already committed before the Trainer wrote into it"
+        ) from exc
+    return manifest
+
+
+def verify_or_uncommit(checkpoint: Store, *, quick: bool = False, jobs: int | None = None) -> VerifyReport:
+    """Verify a just-committed checkpoint; if it fails, remove its manifest and raise.
+
+    A checkpoint that does not match its manifest (a file changed while it was hashed) must not be
+    resumed from, and retention must not delete older, good checkpoints in its favour.
+    """
+    report = verify_checkpoint(checkpoint, quick=quick, jobs=jobs)
+    if report.ok:
+        return report
+    checkpoint.delete(MANIFEST_NAME)
+    findings = [f.message for f in report.findings if f.severity == "error"]
+    raise VerificationError(
+        f"{checkpoint.url} changed while it was committed, so it was uncommitted: {_summary(report)}",
+        findings,
+    )
+
+
+def metrics_at_step(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """The numbers the Trainer logged at ``step`` (training loss, learning rate and, when an
+    evaluation ran at this step, the ``eval_*`` metrics). Metrics logged at earlier steps are
+    left out on purpose: they describe other weights than the ones in this checkpoint."""
+    metrics: dict[str, float] = {}
+    for entry in log_history:
+        if entry.get("step") != step:
+            continue
+        for key, value in entry.items():
+            if key != "step" and _is_number(value):
+                metrics[key] = float(value)
+    return metrics
+
+
+def _is_number(value: object) -> bool:
+    # The manifest refuses NaN and infinities (JSON has no spelling for them).
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def apply_retention(root: Store, policy: RetentionPolicy, *, keep: Iterable[str] = ()) -> list[str]:
+    """Delete the committed ``checkpoint-N`` under ``root`` that ``policy`` expires, except the
+    names in ``keep``; return the names deleted. Other directories under ``root`` are not looked at."""
+    committed = [c for c in list_checkpoints(root) if c.committed and _is_hf_checkpoint(c)]
+    protected = set(keep)
+    deleted = []
+    for info in policy.select_expired(committed):
+        if info.name not in protected:
+            delete_checkpoint(root, info.name)  # uncommits first: a crash midway leaves no "checkpoint"
+            deleted.append(info.name)
+            logger.info("retention: deleted %s", info.url)
+    return deleted
+
+
+def _barrier() -> None:
+    """All ranks meet here when training is distributed; a no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class CkptkitCallback(TrainerCallback):
+    """Commit, verify and retain every checkpoint the Trainer saves.
+
+    Use with ``TrainingArguments(save_total_limit=None)``: retention is ``retention``'s job, run
+    only after the new checkpoint committed. ``verify="full"`` re-hashes the checkpoint after the
+    commit (catches a file changed while it was hashed); ``"quick"`` checks presence and sizes.
+
+    ``mirror="s3://bucket/run"`` uploads each committed checkpoint there in the background
+    (:class:`ckptkit.mirror.Mirror`); retention deletes at the mirror too, leaves a checkpoint
+    that is still uploading alone until it is mirrored, and ``on_train_end`` waits for the uploads
+    and raises :class:`~ckptkit.mirror.MirrorError` if any failed.
+    """
+
+    def __init__(
+        self,
+        retention: RetentionPolicy | None = None,
+        *,
+        verify: VerifyMode = "full",
+        jobs: int | None = None,
+        mirror: str | None = None,
+        mirror_options: dict[str, Any] | None = None,
+    ) -> None:
+        if verify not in ("full", "quick"):
+            raise ValueError(f"verify must be 'full' or 'quick', got {verify!r}")
+        self.retention = retention
+        self.verify = verify
+        self.jobs = jobs
+        self.mirror_url = mirror
+        self.mirror_options = dict(mirror_options or {})
+        self.mirror: Mirror | None = None
+        self._warned_limit = False
+
+    # --- Trainer events ------------------------------------------------------------------
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if args.save_total_limit and not self._warned_limit:
+            self._warned_limit = True
+            logger.warning(
+                "CkptkitCallback: TrainingArguments.save_total_limit=%s is set. The Trainer then deletes "
+                "checkpoints itself, before the new one is committed and ordered by mtime; set "
+                "save_total_limit=None and pass CkptkitCallback(retention=RetentionPolicy(...)) instead.",
+                args.save_total_limit,
+            )
+        if self.mirror_url is not None and self.mirror is None and state.is_world_process_zero:
+            from ckptkit.mirror import Mirror
+
+            self.mirror = Mirror(open_store(args.output_dir), self.mirror_url, **self.mirror_options)
+            self.mirror.catch_up()  # what an earlier, killed run left half-uploaded
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.mirror is None:
+            return
+        self.mirror.wait()
+        if self.retention is not None:  # deletions postponed while their upload was in flight
+            best = state.best_model_checkpoint
+            newest = hf_checkpoint_name(state.global_step)
+            self._retain(open_store(args.output_dir), self.retention, newest=newest, best=best)
+        mirror, self.mirror = self.mirror, None
+        mirror.close()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if control.should_save:
+            self._clear_save_target(args, state)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if control.should_save:
+            self._clear_save_target(args, state)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        _barrier()  # with DeepSpeed or FSDP every rank writes into checkpoint-N
+        if not state.is_world_process_zero:
+            return
+        root = open_store(args.output_dir)
+        name = hf_checkpoint_name(state.global_step)
+        commit_hf_checkpoint(
+            root, name, step=state.global_step,
+            metrics=metrics_at_step(state.log_history, state.global_step),
+            metadata={"producer": PRODUCER, "epoch": state.epoch},
+            jobs=self.jobs,
+        )
+        verify_or_uncommit(root.child(name), quick=self.verify == "quick", jobs=self.jobs)
+        self._on_committed(name)
+        if self.retention is not None:
+            self._retain(root, self.retention, newest=name, best=state.best_model_checkpoint)
+
+    # --- steps of a save -----------------------------------------------------------------
+
+    def _clear_save_target(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Remove what sits where the Trainer is about to save: the Trainer writes into an existing
+        directory without emptying it, so a killed save's leftovers (or, after resuming from an
+        older checkpoint, a committed checkpoint of the abandoned run) would mix with the new files."""
+        if state.is_world_process_zero:
+            root = open_store(args.output_dir)
+            name = hf_checkpoint_name(state.global_step)
+            if root.exists(name + "/" + MANIFEST_NAME):
+                logger.warning("replacing committed %s/%s: training resumed before it", root.url, name)
+            if name in root.list_dirs(""):
+                delete_checkpoint(root, name)
+        _barrier()  # no rank writes its files before the old directory is gone
+
+    def _retain(self, root: Store, policy: RetentionPolicy, *, newest: str, best: str | None) -> None:
+        """Retention after a commit. Never deleted, whatever the policy says: ``newest`` (the
+        checkpoint just committed, which a resume needs; after a resume from an older checkpoint
+        the abandoned run's later ones are "newer" by step), the Trainer's ``best_model_checkpoint``
+        (which ``load_best_model_at_end`` loads) and whatever :meth:`_in_use` names."""
+        keep = {newest, *([Path(best).name] if best else []), *self._in_use()}
+        for name in apply_retention(root, policy, keep=keep):
+            self._on_deleted(name)
+
+    # --- the mirror ---------------------------------------------------------------------------
+
+    def mirror_status(self) -> MirrorStatus | None:
+        """What the background mirror has uploaded, has pending and failed; None without one."""
+        return self.mirror.status() if self.mirror is not None else None
+
+    def _on_committed(self, name: str) -> None:
+        """Called on the main process once ``name`` is committed and verified, before retention."""
+        if self.mirror is not None:
+            self.mirror.submit(name)
+
+    def _in_use(self) -> set[str]:
+        """Checkpoints something still reads (an upload in flight): retention leaves them be."""
+        return self.mirror.pending() if self.mirror is not None else set()
+
+    def _on_deleted(self, name: str) -> None:
+        """Called on the main process after retention deleted ``name``."""
+        if self.mirror is not None:
+            self.mirror.remove(name)
