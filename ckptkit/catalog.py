@@ -26,6 +26,8 @@ Status = Literal["committed", "incomplete", "invalid"]
 _STEP_NAME = re.compile(
     r"(?:step|checkpoint|global_step|ckpt|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE
 )
+# Lightning's ModelCheckpoint: epoch=3-step=400.ckpt, epoch=3-step=400-v1.ckpt, step=400.ckpt.
+_LIGHTNING_NAME = re.compile(r"(?:.*-)?step=(\d+)(?:-.*)?\.ckpt")
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ class CheckpointInfo:
 
 
 def step_from_name(name: str) -> int | None:
-    """The step a directory name carries: ``step-00000100``, ``checkpoint-2500``, ``global_step7``."""
-    match = _STEP_NAME.fullmatch(name)
+    """The step a directory name carries: ``step-00000100``, ``checkpoint-2500``, ``global_step7``,
+    ``epoch=3-step=400.ckpt``."""
+    match = _STEP_NAME.fullmatch(name) or _LIGHTNING_NAME.fullmatch(name)
     return int(match.group(1)) if match else None
 
 

@@ -192,7 +192,11 @@ def test_index_keeps_a_trainer_step_of_zero(any_store: Store) -> None:
 
 @pytest.mark.parametrize(
     ("name", "step"),
-    [("step-00000100", 100), ("checkpoint-2500", 2500), ("global_step7", 7), ("logs2", None), ("det2", None)],
+    [
+        ("step-00000100", 100), ("checkpoint-2500", 2500), ("global_step7", 7),
+        ("logs2", None), ("det2", None),
+        ("epoch=3-step=400.ckpt", 400), ("epoch=3-step=400-v1.ckpt", 400), ("last.ckpt", None),
+    ],
 )
 def test_step_names(name: str, step: int | None) -> None:
     from ckptkit.catalog import step_from_name
