@@ -73,36 +73,25 @@ def _sha256_of(pieces: list[memoryview]) -> str:
     return hasher.hexdigest()
 
 
-class StreamingDigest:
-    """Feed bytes in any pieces; get the chunked digest without a second pass.
-
-    Each completed chunk is hashed on :func:`hashing_pool` while the caller goes on writing, so
-    one large file is hashed on every core instead of one. The pieces are referenced, not
-    copied: the caller must leave the buffers unchanged until :meth:`result` returns.
-    """
+class _ChunkedDigest:
+    """Cuts a byte stream into ``chunk_size`` chunks; subclasses decide how a chunk is hashed."""
 
     def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
         self.chunk_size = chunk_size
         self.size = 0
-        self._chunks: list[Future[str]] = []
-        self._pieces: list[memoryview] = []
         self._filled = 0
+        self._sealed = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         while view:
             take = min(len(view), self.chunk_size - self._filled)
-            self._pieces.append(view[:take])
+            self._add(view[:take])
             self._filled += take
             self.size += take
             view = view[take:]
             if self._filled == self.chunk_size:
-                self._seal_chunk()
-
-    def _seal_chunk(self) -> None:
-        self._chunks.append(hashing_pool().submit(_sha256_of, self._pieces))
-        self._pieces = []
-        self._filled = 0
+                self._seal()
 
     def tee(self, chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[memoryview]:
         """Pass ``chunks`` through unchanged while hashing them."""
@@ -112,13 +101,51 @@ class StreamingDigest:
             yield view
 
     def result(self) -> FileDigest:
-        if self._filled or not self._chunks:  # the tail chunk, or the one chunk of an empty file
-            self._seal_chunk()
-        chunks = tuple(future.result() for future in self._chunks)
+        if self._filled or not self._sealed:  # the tail chunk, or the one chunk of an empty file
+            self._seal()
+        chunks = self._chunk_hexes()
         return FileDigest(self.size, root_digest(chunks), chunks, self.chunk_size)
 
+    def _seal(self) -> None:
+        self._seal_chunk()
+        self._filled = 0
+        self._sealed += 1
 
-class IncrementalDigest:
+    def _add(self, piece: memoryview) -> None:
+        raise NotImplementedError
+
+    def _seal_chunk(self) -> None:
+        raise NotImplementedError
+
+    def _chunk_hexes(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+
+class StreamingDigest(_ChunkedDigest):
+    """Feed bytes in any pieces; get the chunked digest without a second pass.
+
+    Each completed chunk is hashed on :func:`hashing_pool` while the caller goes on writing, so
+    one large file is hashed on every core instead of one. The pieces are referenced, not
+    copied: the caller must leave the buffers unchanged until :meth:`result` returns.
+    """
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
+        super().__init__(chunk_size)
+        self._chunks: list[Future[str]] = []
+        self._pieces: list[memoryview] = []
+
+    def _add(self, piece: memoryview) -> None:
+        self._pieces.append(piece)
+
+    def _seal_chunk(self) -> None:
+        self._chunks.append(hashing_pool().submit(_sha256_of, self._pieces))
+        self._pieces = []
+
+    def _chunk_hexes(self) -> tuple[str, ...]:
+        return tuple(future.result() for future in self._chunks)
+
+
+class IncrementalDigest(_ChunkedDigest):
     """The same digest as :class:`StreamingDigest`, hashed in the caller's thread as bytes arrive.
 
     It keeps no reference to the buffers, so a copy that streams many files at once holds one
@@ -126,32 +153,19 @@ class IncrementalDigest:
     """
 
     def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
-        self.chunk_size = chunk_size
-        self.size = 0
+        super().__init__(chunk_size)
         self._chunks: list[str] = []
         self._current = hashlib.sha256()
-        self._filled = 0
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            take = min(len(view), self.chunk_size - self._filled)
-            self._current.update(view[:take])
-            self._filled += take
-            self.size += take
-            view = view[take:]
-            if self._filled == self.chunk_size:
-                self._seal_chunk()
+    def _add(self, piece: memoryview) -> None:
+        self._current.update(piece)
 
     def _seal_chunk(self) -> None:
         self._chunks.append(self._current.hexdigest())
         self._current = hashlib.sha256()
-        self._filled = 0
 
-    def result(self) -> FileDigest:
-        if self._filled or not self._chunks:
-            self._seal_chunk()
-        return FileDigest(self.size, root_digest(self._chunks), tuple(self._chunks), self.chunk_size)
+    def _chunk_hexes(self) -> tuple[str, ...]:
+        return tuple(self._chunks)
 
 
 def digest_bytes(data: bytes) -> FileDigest:
