@@ -31,7 +31,7 @@ from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction, delete_checkpoint
 from ckptkit.errors import (
     EXIT_FINDINGS,
     EXIT_OK,
-    ChecksumMismatchError,
+    EXIT_STORAGE,
     CkptkitError,
     CommitConflictError,
     InvalidURLError,
@@ -97,6 +97,7 @@ class CheckpointPlan:
     manifest: Manifest | None = None
     files: list[FilePlan] = field(default_factory=list)
     attempt: str | None = None
+    exit_code: int = EXIT_FINDINGS  # of a refusal
 
     @property
     def bytes_to_send(self) -> int:
@@ -360,7 +361,10 @@ class Syncer:
                 sources = [c for c in sources if c.name in self.names]
             dst_by_name = {c.name: c for c in list_checkpoints(self.dst_root)}
             pairs = [(c, c.name, dst_by_name.get(c.name)) for c in sources]
-        plans = [self._plan_one(src, dst_name, dst, pool) for src, dst_name, dst in pairs]
+        # Checkpoints are planned side by side (a HEAD and a LIST each on an object store); their
+        # files' checks run on ``pool``, so the planners get threads of their own.
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(pairs)))) as planners:
+            plans = list(planners.map(lambda p: self._plan_safely(*p, pool), pairs))
         if self.delete:
             plans.extend(self._plan_deletions([src for src, _, _ in pairs], dst_by_name))
         return plans
@@ -371,6 +375,17 @@ class Syncer:
         if local is not None:
             return local.is_dir()
         return next(iter(self.src_root.list("")), None) is not None
+
+    def _plan_safely(
+        self, src: CheckpointInfo, dst_name: str, dst: CheckpointInfo | None, pool: ThreadPoolExecutor
+    ) -> CheckpointPlan:
+        """One checkpoint's plan; an error planning it refuses that checkpoint, not the sync."""
+        try:
+            return self._plan_one(src, dst_name, dst, pool)
+        except CkptkitError as exc:
+            return CheckpointPlan(
+                src.name, dst_name, src.step, "refuse", detail=f"cannot plan: {exc}", exit_code=exc.exit_code
+            )
 
     def _plan_one(
         self, src: CheckpointInfo, dst_name: str, dst: CheckpointInfo | None, pool: ThreadPoolExecutor
@@ -452,8 +467,12 @@ class Syncer:
     def run(self, *, dry_run: bool = False) -> SyncReport:
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="ckptkit-sync") as pool:
-            plans = self.plan(pool)
-            outcomes = [self._planned(p) for p in plans] if dry_run else self._execute(plans, pool)
+            try:
+                plans = self.plan(pool)
+                outcomes = [self._planned(p) for p in plans] if dry_run else self._execute(plans, pool)
+            except BaseException:  # Ctrl-C or a bug: do not start the copies still queued
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         return SyncReport(
             self.src_root.url, self.dst_root.url, dry_run, outcomes, time.perf_counter() - started
         )
@@ -463,7 +482,7 @@ class Syncer:
         outcome.files_sent, outcome.bytes_sent = plan.files_to_send, plan.bytes_to_send
         if plan.action in ("refuse", "conflict"):
             outcome.status = "refused" if plan.action == "refuse" else "conflict"
-            outcome.exit_code = EXIT_FINDINGS if plan.action == "refuse" else CommitConflictError.exit_code
+            outcome.exit_code = plan.exit_code if plan.action == "refuse" else CommitConflictError.exit_code
         return outcome
 
     def _outcome(self, plan: CheckpointPlan, status: Status) -> CheckpointOutcome:
@@ -527,25 +546,25 @@ class Syncer:
     ) -> CheckpointOutcome:
         if plan.action in ("copy", "copy-incomplete"):
             outcome = self._outcome(plan, "failed")
-            errors = [transfers] if isinstance(transfers, CkptkitError) else []
+            errors: list[BaseException] = [transfers] if isinstance(transfers, CkptkitError) else []
             for future in [] if isinstance(transfers, CkptkitError) else transfers:
                 try:
                     outcome.bytes_sent += future.result()
                     outcome.files_sent += 1
-                except CkptkitError as exc:
+                except (CkptkitError, OSError) as exc:  # OSError: one no adapter translated
                     errors.append(exc)
             if errors:
                 outcome.detail = f"{len(errors)} file(s) failed, not committed: {errors[0]}"
-                outcome.exit_code = max(getattr(e, "exit_code", EXIT_FINDINGS) for e in errors)
+                outcome.exit_code = max(getattr(e, "exit_code", EXIT_STORAGE) for e in errors)
                 return outcome
             if plan.action == "copy-incomplete":
                 outcome.status = "copied-uncommitted"
                 return outcome
             try:
                 self._commit(plan, pool)
-            except CkptkitError as exc:
+            except (CkptkitError, OSError) as exc:
                 outcome.detail = f"not committed: {exc}"
-                outcome.exit_code = exc.exit_code
+                outcome.exit_code = getattr(exc, "exit_code", EXIT_STORAGE)
                 return outcome
             outcome.status = "committed"
             return outcome
@@ -591,11 +610,10 @@ class Syncer:
                 files.delete(f.dest_key)  # so that a re-run sends it again
                 bad.append(f.dest_key)
         if bad:
-            raise ChecksumMismatchError(
-                f"{files.url}/{bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""),
-                "the source manifest's digest",
-                "different bytes on read-back",
-                (0, 0),
+            raise VerificationError(
+                f"read back from {files.url}: {len(bad)} file(s) differ from the source manifest "
+                f"(removed, a re-run sends them again): {', '.join(bad)}",
+                bad,
             )
 
     def _delete(self, plan: CheckpointPlan, *, blocked: bool) -> CheckpointOutcome:
