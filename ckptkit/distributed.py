@@ -182,8 +182,7 @@ def open_shared_attempt(group: CommitGroup, root: Store, name: str) -> SharedAtt
     if group.rank == 0:
         try:
             transaction = CheckpointTransaction(root, name)
-            # Public attributes only: the files store's place relative to the root.
-            opened = (transaction.files.url[len(root.url) :].strip("/"), transaction.data_prefix)
+            opened = (transaction.attempt_key, transaction.data_prefix)
         except Exception as exc:  # every rank must learn of it, or the others would wait
             failure = exc
             opened = _describe(exc)
