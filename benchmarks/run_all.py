@@ -1,6 +1,6 @@
 """Run every benchmark, print a Markdown table per benchmark, write ``benchmarks/out/results.json``.
 
-    .venv/bin/python benchmarks/run_all.py [--only startup,ls,verify,save]   (or: make bench)
+    .venv/bin/python benchmarks/run_all.py [--only startup,ls,verify,save,sync,mirror]   (or: make bench)
 
 Each benchmark is also runnable alone (``benchmarks/bench_*.py``); see docs/performance.md.
 """
@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable
 
 import bench_ls_s3
+import bench_mirror
 import bench_save_load
 import bench_startup
+import bench_sync
 import bench_verify
 from _common import OUT, Result, machine, table, write_json
 
@@ -22,6 +24,8 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "ls": bench_ls_s3.run,
     "save": bench_save_load.run,
     "verify": bench_verify.run,
+    "sync": bench_sync.run,
+    "mirror": bench_mirror.run,
 }
 
 
