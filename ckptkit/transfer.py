@@ -32,7 +32,7 @@ from ckptkit.storage.fsspec_store import translate_backend_errors
 
 T = TypeVar("T")
 
-# Read block of a streamed copy: with s3fs's 16 MiB upload buffer, about 24 MiB per file in flight.
+# Read block of a streamed copy; on S3 each block is one part of the multipart upload.
 COPY_BLOCK = 8 << 20
 # Files up to this size are read whole and sent in one request.
 SMALL_FILE = 8 << 20

@@ -272,3 +272,11 @@ def test_local_to_local(tmp_path: Path) -> None:
     assert sync(src, tmp_path / "dst", jobs=1).ok
     assert set(committed(str(tmp_path / "dst"))) == {"step-00000001", "step-00000002", "step-00000003"}
     assert os.listdir(tmp_path / "dst/step-00000001") != []
+
+
+def test_cli_jobs_default_is_the_library_default() -> None:
+    from ckptkit.cli.sync_cmd import sync_command
+    from ckptkit.ops.sync import DEFAULT_JOBS
+
+    (jobs,) = [p for p in sync_command.params if p.name == "jobs"]
+    assert jobs.default == DEFAULT_JOBS

@@ -91,22 +91,27 @@ def test_persistent_failure_is_a_clear_error_and_commits_nothing(
 
 
 def test_sigkill_at_random_moments_then_rerun(tmp_path: Path, s3_endpoint: str, faulty_bucket) -> None:
-    sizes = (24 << 20, 6 << 20, 100_000)
+    sizes = (40 << 20, 8 << 20, 100_000)
     src = make_root(tmp_path / "src", sizes=sizes, steps=(1, 2, 3))
     remote = f"{faulty_bucket}/run"
     command = [sys.executable, "-m", "ckptkit", "sync", str(src), remote, "--jobs", "2"]
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint}
+    # Kill moments are drawn across the duration of a whole sync on this machine, measured first.
+    started = time.monotonic()
+    subprocess.run([*command[:-3], f"{faulty_bucket}/timing", "--jobs", "2"], env=env, check=True)
+    duration = time.monotonic() - started
     rng = random.Random(11)
     kills = 0
     for _ in range(10):
         child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 4.0))
+        time.sleep(rng.uniform(0.1, 0.95) * duration)
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             kills += 1
         child.wait()
         # In between: whatever is committed is whole; the rest is not listed as committed.
-        assert_committed_ones_are_whole(src, remote)
+        if len(assert_committed_ones_are_whole(src, remote)) == 3:
+            open_store(remote).delete_prefix("")  # all done before the kill: start over
     assert kills >= 5, "too few kills landed while the sync was running"
 
     final = subprocess.run([*command, "--verify"], env=env, capture_output=True, text=True, timeout=300)

@@ -47,7 +47,7 @@ from ckptkit.storage.base import join_key
 from ckptkit.transfer import RetryPolicy, already_copied, copy_object, with_retries
 
 Action = Literal["copy", "up-to-date", "delete", "skip-incomplete", "copy-incomplete", "refuse", "conflict"]
-DEFAULT_JOBS = 8
+DEFAULT_JOBS = 4
 _DEEPSPEED_LATEST = "latest"
 
 

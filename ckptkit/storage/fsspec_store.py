@@ -29,6 +29,7 @@ from ckptkit.storage.base import (
     iter_chunks,
     normalize_key,
 )
+from ckptkit.storage.s3_multipart import upload_stream
 
 # Protocols whose create-only write is atomic against other writers: S3's conditional PUT
 # (If-None-Match: *), and the in-process memory filesystem guarded by our lock.
@@ -234,6 +235,8 @@ class FsspecStore(Store):
             # Create-only is used for small commit objects, and the memory filesystem publishes
             # a file when it is opened: buffer, then publish in one atomic call.
             return self._put_bytes(path, b"".join(bytes(c) for c in _guarded(data)), mode, extra)
+        if self.protocol in ("s3", "s3a"):
+            return upload_stream(self.fs, path, _guarded(data), extra)
         size = 0
         # autocommit=False: the object is published by commit(), after the last byte, and
         # discard() aborts the multipart upload, so a failure midway publishes nothing.
