@@ -66,7 +66,11 @@ class CheckpointManager:
         if mirror is not None and self._leader:
             from ckptkit.mirror import Mirror
 
-            self.mirror = Mirror(self.root, mirror, **(mirror_options or {}))
+            # A root given as a Store cannot be reopened by the mirror's child process.
+            self.mirror = Mirror(
+                self.root, mirror, source_options=storage_options,
+                isolated=False if isinstance(root_url, Store) else None, **(mirror_options or {}),
+            )
             self.mirror.catch_up()
 
     def save(

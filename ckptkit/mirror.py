@@ -3,17 +3,24 @@
 Training waits only for the local commit. One worker thread then copies each checkpoint with
 ``sync`` (so the remote commits it the same way: data first, manifest last, and a killed upload
 leaves no committed checkpoint there), deletes at the remote what retention deleted locally, and
-keeps a status that says what is uploaded, pending and failed. Failures are never silent: they
-are logged, kept in :meth:`Mirror.status`, tried again with the next job, and raised by
-:meth:`Mirror.close`. A mirror started on a root that an earlier process left half-uploaded
-finishes those uploads first (:meth:`Mirror.catch_up`).
+keeps a status that says what is uploaded, pending and failed. Each upload runs in a child
+process at a lower CPU priority (:mod:`ckptkit.mirror_worker`), so its hashing and request
+signing never contend with training for the GIL; stores that exist only in this process
+(``memory://``, or a target given as a Store object) are mirrored in the thread itself.
+Failures are never silent: they are logged, kept in :meth:`Mirror.status`, tried again with the
+next job, and raised by :meth:`Mirror.close`. A mirror started on a root that an earlier
+process left half-uploaded finishes those uploads first (:meth:`Mirror.catch_up`).
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import os
 import queue
+import subprocess
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -22,7 +29,7 @@ from typing import Any, Literal
 from ckptkit.catalog import list_checkpoints
 from ckptkit.commit import delete_checkpoint
 from ckptkit.errors import CkptkitError
-from ckptkit.ops.sync import DEFAULT_JOBS, Syncer, SyncReport, SyncTarget
+from ckptkit.ops.sync import DEFAULT_JOBS, Syncer, SyncTarget
 from ckptkit.storage import Store, open_store
 from ckptkit.transfer import RetryPolicy, with_retries
 
@@ -67,10 +74,22 @@ class Mirror:
         *,
         jobs: int = DEFAULT_JOBS,
         retry: RetryPolicy | None = None,
+        source_options: dict[str, Any] | None = None,
+        isolated: bool | None = None,
         **storage_options: Any,
     ) -> None:
+        """``source_options``: the storage options ``source`` was opened with, for the child
+        process to open it again. ``isolated``: run uploads in a child process (the default
+        wherever that is possible, see :func:`_process_spec`)."""
         self.source = source
         self.target = open_store(target, **storage_options)
+        spec = _process_spec(source, source_options or {}, target, storage_options)
+        if isolated and spec is None:
+            raise ValueError(
+                "isolated=True needs URLs of stores a child process can open, with JSON-serialisable "
+                "options (not memory://, not a Store object as target)"
+            )
+        self._process_spec = spec if isolated is not False else None
         self.jobs = jobs
         self.retry = retry or RetryPolicy()
         self._queue: queue.Queue[_Job] = queue.Queue()
@@ -183,33 +202,86 @@ class Mirror:
                     self._idle.notify_all()
 
     def _run(self, kind: str, name: str) -> None:
-        if kind == "delete":
-            with_retries(lambda: delete_checkpoint(self.target, name), self.retry, f"deleting {name}")
-            with self._lock:
-                self._status.deleted.append(name)
-                self._status.failed.pop(name, None)
-            return
         if kind == "catch-up":
             for info in list_checkpoints(self.source, read_manifests=False):
                 if info.committed and info.name not in self.pending():
                     self._enqueue(("upload", info.name))
             return
-        syncer = Syncer(SyncTarget(self.source, self.target, (name, name)), jobs=self.jobs, retry=self.retry)
-        self._record(syncer.run())
+        answer = self._in_process(kind, name) if self._process_spec else self._in_thread(kind, name)
+        if "error" in answer:
+            raise CkptkitError(answer["error"]["message"])
+        if "deleted" in answer:
+            with self._lock:
+                self._status.deleted.append(name)
+                self._status.failed.pop(name, None)
+            return
+        self._record(answer["report"])
 
-    def _record(self, report: SyncReport) -> None:
+    def _in_thread(self, kind: str, name: str) -> dict[str, Any]:
+        if kind == "delete":
+            with_retries(lambda: delete_checkpoint(self.target, name), self.retry, f"deleting {name}")
+            return {"deleted": name}
+        syncer = Syncer(SyncTarget(self.source, self.target, (name, name)), jobs=self.jobs, retry=self.retry)
+        return {"report": syncer.run().to_json()}
+
+    def _in_process(self, kind: str, name: str) -> dict[str, Any]:
+        assert self._process_spec is not None
+        job = {
+            "kind": kind,
+            "name": name,
+            **self._process_spec,
+            "jobs": self.jobs,
+            "retry": [self.retry.attempts, self.retry.base_delay, self.retry.max_delay],
+            "parent": os.getpid(),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "ckptkit.mirror_worker"],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError:
+            lines = done.stderr.strip().splitlines()
+            raise CkptkitError(
+                f"the mirror worker exited with {done.returncode}: {lines[-1] if lines else 'no output'}"
+            ) from None
+
+    def _record(self, report: dict[str, Any]) -> None:
         with self._lock:
-            self._status.bytes_sent += report.bytes_sent
-            for outcome in report.outcomes:
-                if outcome.status in ("committed", "up-to-date"):
-                    self._status.failed.pop(outcome.name, None)
-                    if outcome.name not in self._status.uploaded:
-                        self._status.uploaded.append(outcome.name)
-                elif outcome.status in ("failed", "conflict", "refused"):
-                    self._status.failed[outcome.name] = outcome.detail
-                    log.warning(
-                        "mirror of %s to %s failed: %s", outcome.name, self.target.url, outcome.detail
-                    )
+            self._status.bytes_sent += report["bytes_sent"]
+            for outcome in report["checkpoints"]:
+                name, status = outcome["name"], outcome["status"]
+                if status in ("committed", "up-to-date"):
+                    self._status.failed.pop(name, None)
+                    if name not in self._status.uploaded:
+                        self._status.uploaded.append(name)
+                elif status in ("failed", "conflict", "refused"):
+                    self._status.failed[name] = outcome["detail"]
+                    log.warning("mirror of %s to %s failed: %s", name, self.target.url, outcome["detail"])
+
+
+def _process_spec(
+    source: Store, source_options: dict[str, Any], target: str | Store, target_options: dict[str, Any]
+) -> dict[str, Any] | None:
+    """What a child process needs to open both stores again, or None where it cannot: a
+    ``memory://`` store lives in this process only, a Store object as target has no options to
+    pass on, and the options must survive JSON."""
+    if not isinstance(target, str) or "memory://" in (source.url + target):
+        return None
+    spec = {
+        "source": source.url,
+        "source_options": source_options,
+        "target": target,
+        "target_options": target_options,
+    }
+    try:
+        json.dumps(spec)
+    except (TypeError, ValueError):
+        return None
+    return spec
 
 
 def _close_at_exit(ref: weakref.ref[Mirror]) -> None:

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -96,8 +97,16 @@ def test_killed_mid_upload_the_next_run_finishes_it(tmp_path: Path, s3_bucket: s
     deadline = time.monotonic() + 60
     while not any(True for _ in store.list("step-00000001")) and time.monotonic() < deadline:
         time.sleep(0.05)  # until the upload is under way
+    workers = [
+        p
+        for p in psutil.Process(child.pid).children(recursive=True)
+        if "mirror_worker" in " ".join(p.cmdline())
+    ]
+    assert workers and workers[0].nice() > psutil.Process().nice()  # a niced child process uploads
     child.send_signal(signal.SIGKILL)
     child.wait()
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)  # died with it
 
     uploaded = [o.key for o in store.list("step-00000001")]
     assert uploaded, "no upload started within a minute"
