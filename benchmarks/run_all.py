@@ -1,6 +1,7 @@
 """Run every benchmark, print a Markdown table per benchmark, write ``benchmarks/out/results.json``.
 
-    .venv/bin/python benchmarks/run_all.py [--only startup,ls,verify,save,sync,mirror]   (or: make bench)
+    .venv/bin/python benchmarks/run_all.py [--only startup,ls,verify,save,consolidate,convert,sync,mirror]
+    (or: make bench)
 
 Each benchmark is also runnable alone (``benchmarks/bench_*.py``); see docs/performance.md.
 """
@@ -11,6 +12,8 @@ import argparse
 import time
 from collections.abc import Callable
 
+import bench_consolidate
+import bench_convert
 import bench_ls_s3
 import bench_mirror
 import bench_save_load
@@ -24,6 +27,8 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "ls": bench_ls_s3.run,
     "save": bench_save_load.run,
     "verify": bench_verify.run,
+    "consolidate": bench_consolidate.run,
+    "convert": bench_convert.run,
     "sync": bench_sync.run,
     "mirror": bench_mirror.run,
 }
