@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptkit.catalog import latest_checkpoint, read_manifest
-from ckptkit.commit import CheckpointTransaction
+from ckptkit.commit import CheckpointTransaction, logical_path
 from ckptkit.distributed import (
     DEFAULT_TIMEOUT_S,
     CommitGroup,
@@ -136,7 +136,12 @@ def _topology(by_rank: Sequence[list[FileEntry]], replicated: bool) -> dict[str,
     return {
         "world_size": len(by_rank),
         "replicated": False,
-        "ranks": [{"rank": r, "files": sorted(e.path for e in entries)} for r, entries in enumerate(by_rank)],
+        # Paths as laid out in the checkpoint, without the attempt prefix: they stay true
+        # wherever ``sync`` or a mirror commits the checkpoint.
+        "ranks": [
+            {"rank": r, "files": sorted(logical_path(e.path) for e in entries)}
+            for r, entries in enumerate(by_rank)
+        ],
     }
 
 
@@ -181,15 +186,20 @@ def rank_files(checkpoint: Store, manifest: Manifest) -> list[list[str]] | None:
     if manifest.layout != "native" or not topology or "ranks" not in topology:
         return None
     ranks = topology["ranks"]
-    listed = {f.path for f in manifest.files}
+    # Topology paths are compared without attempt prefixes: where the files sit depends on which
+    # store committed the checkpoint, not on how its writer laid it out.
+    listed = {logical_path(f.path): f.path for f in manifest.files}
     if not (
         isinstance(ranks, list)
         and topology.get("world_size") == len(ranks)
         and all(isinstance(r, dict) and r.get("rank") == i for i, r in enumerate(ranks))
-        and all(isinstance(r.get("files"), list) and set(r["files"]) <= listed for r in ranks)
+        and all(
+            isinstance(r.get("files"), list) and {logical_path(str(p)) for p in r["files"]} <= listed.keys()
+            for r in ranks
+        )
     ):
         raise FormatError(f"{checkpoint.url}: the manifest's topology.ranks does not match its files")
-    return [list(r["files"]) for r in ranks]
+    return [[listed[logical_path(p)] for p in r["files"]] for r in ranks]
 
 
 def native_files(checkpoint: Store, manifest: Manifest, rank: int | None = None) -> Store:

@@ -40,6 +40,13 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def logical_path(path: str) -> str:
+    """A manifest path without the object-store attempt prefix ``ckptkit-<id>/`` it may carry:
+    where the file sits in the checkpoint as its writer laid it out, wherever it was committed."""
+    first, sep, rest = path.partition("/")
+    return rest if sep and ATTEMPT_RE.match(first) else path
+
+
 def is_ckptkit_debris_dir(name: str) -> bool:
     """A root-level directory that only ckptkit's own staging or deletion creates."""
     return name.startswith(".") and (STAGING_MARKER in name or TRASH_MARKER in name)

@@ -312,6 +312,15 @@ def test_per_rank_save_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     attempt = manifest.files[0].path.split("/")[0]
     assert attempt.startswith("ckptkit-")  # both ranks wrote into rank 0's attempt prefix
     for rank, entry in enumerate(manifest.topology["ranks"]):
-        assert f"{attempt}/rank-{rank:05d}/tree.json" in entry["files"]
+        assert f"rank-{rank:05d}/tree.json" in entry["files"]  # as laid out, without the attempt prefix
     assert verify_checkpoint(checkpoint).status == "ok"
     assert same(ckptkit.load(f"{root}/step-1", rank=0), rank_state(0, 1))
+
+    # Synced elsewhere (no attempt prefix on disk, another one on S3), every rank's state loads.
+    from ckptkit.ops.sync import sync
+
+    assert sync(root, tmp_path / "copy").ok
+    assert sync(tmp_path / "copy", f"{s3_bucket}/copy").ok
+    for where in (str(tmp_path / "copy"), f"{s3_bucket}/copy"):
+        for rank in (0, 1):
+            assert same(ckptkit.load(f"{where}/step-1", rank=rank), rank_state(rank, 1)), (where, rank)

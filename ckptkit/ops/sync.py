@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest, step_from_name
-from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction, delete_checkpoint
+from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction, delete_checkpoint, logical_path
 from ckptkit.errors import (
     EXIT_FINDINGS,
     EXIT_OK,
@@ -187,12 +187,6 @@ def sync_attempt_id(manifest: Manifest) -> str:
     """The destination attempt id of a synced checkpoint: a function of the source manifest, so
     every run (and every mirror) of one checkpoint writes to the same place."""
     return hashlib.sha256(f"ckptkit-sync:{manifest.checkpoint_id}".encode()).hexdigest()[:12]
-
-
-def logical_path(path: str) -> str:
-    """A manifest path without the object-store attempt prefix ``ckptkit-<id>/`` it may carry."""
-    first, sep, rest = path.partition("/")
-    return rest if sep and ATTEMPT_RE.match(first) else path
 
 
 def same_content(a: Manifest, b: Manifest) -> bool:
