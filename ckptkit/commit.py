@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from ckptkit.errors import AlreadyExistsError, CommitConflictError, StorageError
+from ckptkit.errors import AlreadyExistsError, CommitConflictError, NotFoundError, StorageError
 from ckptkit.hashing import StreamingDigest
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.storage.base import Store, join_key
@@ -131,7 +131,7 @@ class CheckpointTransaction:
         try:
             if self.root.capabilities.atomic_rename:
                 staging = self.root.child(self._staging_key)
-                staging.put(MANIFEST_NAME, manifest.to_bytes(), mode="create")
+                publish_manifest(staging, manifest)  # a retried commit meets its own manifest
                 self.root.sync_prefix(self._staging_key)
                 self.root.rename_prefix(self._staging_key, self.name)
             else:
@@ -178,7 +178,10 @@ def delete_checkpoint(root: Store, name: str) -> None:
     """Remove a checkpoint so that no crash midway leaves it looking committed."""
     if root.capabilities.atomic_rename:
         trash = f".{name.replace('/', '_')}{TRASH_MARKER}{_new_id()}"
-        root.rename_prefix(name, trash)  # atomic: gone from listings in one step
+        try:
+            root.rename_prefix(name, trash)  # atomic: gone from listings in one step
+        except NotFoundError:
+            return  # nothing there (a mirror deleting what never arrived): as on object stores
         root.delete_prefix(trash)
     else:
         root.delete(join_key(name, MANIFEST_NAME))  # uncommit first, then the data

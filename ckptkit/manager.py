@@ -27,11 +27,11 @@ class CheckpointManager:
     ``retention``; a checkpoint is kept if any rule keeps it, and the newest and the best are
     never deleted (metrics come from ``save(..., metrics=...)``).
 
-    ``mirror="s3://bucket/run"`` uploads each committed checkpoint there in a background thread
-    (``save`` waits only for the local commit); retention deletes at the mirror too, and a
-    checkpoint still uploading is deleted locally only once it is mirrored. ``mirror_status()``
-    tells what is uploaded, pending and failed; ``close()`` waits for the uploads and raises
-    :class:`~ckptkit.mirror.MirrorError` if any failed. Opening a manager on a root whose
+    ``mirror="s3://bucket/run"`` uploads each committed checkpoint there in the background, in
+    a niced child process (``save`` waits only for the local commit); retention deletes at the
+    mirror too, and a checkpoint still uploading is deleted locally only once it is mirrored.
+    ``mirror_status()`` tells what is uploaded, pending and failed; ``close()`` waits for the
+    uploads and raises :class:`~ckptkit.mirror.MirrorError` if any failed. Opening a manager on a root whose
     uploads an earlier process left unfinished finishes them in the background.
     """
 
@@ -59,11 +59,10 @@ class CheckpointManager:
         self.max_shard_size = max_shard_size
         self.jobs = jobs
         self.timeout_s = timeout_s
-        # Under torch.distributed every rank saves its shard and gets the same manifest back;
-        # rank 0 alone deletes and uploads.
-        self._leader = world()[0] == 0
         self.mirror: Mirror | None = None
-        if mirror is not None and self._leader:
+        # Under torch.distributed every rank saves its shard and gets the same manifest back;
+        # rank 0 alone deletes and uploads (see _is_leader).
+        if mirror is not None and world()[0] == 0:
             from ckptkit.mirror import Mirror
 
             # A root given as a Store cannot be reopened by the mirror's child process.
@@ -93,7 +92,7 @@ class CheckpointManager:
             max_shard_size=self.max_shard_size, jobs=self.jobs, replicated=replicated,
             timeout_s=self.timeout_s,
         )
-        if self._leader:
+        if self._is_leader():
             if self.mirror is not None:
                 self.mirror.submit(name)
             self._apply_retention()
@@ -101,6 +100,16 @@ class CheckpointManager:
             self.root.url, name, "committed", step, len(manifest.files), manifest.total_size,
             manifest.created, manifest,
         )
+
+    def _is_leader(self) -> bool:
+        """Rank 0, asked at each save: a manager made before ``init_process_group`` saw rank 0
+        everywhere and may have started a mirror on every rank; the others drop theirs here."""
+        if world()[0] == 0:
+            return True
+        if self.mirror is not None:
+            self.mirror.close(raise_on_error=False)
+            self.mirror = None
+        return False
 
     def _apply_retention(self) -> None:
         if not self.retention.has_rules:

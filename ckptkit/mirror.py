@@ -98,6 +98,7 @@ class Mirror:
         self._outstanding = 0
         self._pending: list[str] = []
         self._status = MirrorStatus(self.target.url)
+        self._failed_jobs: dict[str, _Job] = {}  # what to try again, by the key in status.failed
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="ckptkit-mirror", daemon=True)
         self._thread.start()
@@ -112,9 +113,11 @@ class Mirror:
     def submit(self, name: str) -> None:
         """Upload checkpoint ``name`` (committed under ``source``) in the background."""
         with self._lock:
-            retry_now = [n for n in self._status.failed if n != name and n not in self._pending]
-        for failed in retry_now:  # each new job is also a new try for what failed before
-            self._put(("upload", failed))
+            retry_now = [
+                job for key, job in self._failed_jobs.items() if key != name and key not in self._pending
+            ]
+        for job in retry_now:  # each new job is also a new try, of the same kind, of what failed
+            self._put(job)
         self._put(("upload", name))
 
     def remove(self, name: str) -> None:
@@ -193,7 +196,7 @@ class Mirror:
                     "mirror %s of %s to %s failed: %s", kind, name or "the root", self.target.url, exc
                 )
                 with self._lock:
-                    self._status.failed[name or "<catch-up>"] = str(exc)
+                    self._fail((kind, name), str(exc))
             finally:
                 with self._idle:
                     if kind == "upload":
@@ -206,6 +209,8 @@ class Mirror:
             for info in list_checkpoints(self.source, read_manifests=False):
                 if info.committed and info.name not in self.pending():
                     self._enqueue(("upload", info.name))
+            with self._lock:
+                self._succeed("<catch-up>")
             return
         answer = self._in_process(kind, name) if self._process_spec else self._in_thread(kind, name)
         if "error" in answer:
@@ -213,7 +218,7 @@ class Mirror:
         if "deleted" in answer:
             with self._lock:
                 self._status.deleted.append(name)
-                self._status.failed.pop(name, None)
+                self._succeed(name)
             return
         self._record(answer["report"])
 
@@ -249,17 +254,27 @@ class Mirror:
                 f"the mirror worker exited with {done.returncode}: {lines[-1] if lines else 'no output'}"
             ) from None
 
+    def _fail(self, job: _Job, why: str) -> None:
+        """Record a failed job, to be tried again as the same job (caller holds the lock)."""
+        key = job[1] or "<catch-up>"
+        self._status.failed[key] = why
+        self._failed_jobs[key] = job
+
+    def _succeed(self, name: str) -> None:
+        self._status.failed.pop(name, None)
+        self._failed_jobs.pop(name, None)
+
     def _record(self, report: dict[str, Any]) -> None:
         with self._lock:
             self._status.bytes_sent += report["bytes_sent"]
             for outcome in report["checkpoints"]:
                 name, status = outcome["name"], outcome["status"]
                 if status in ("committed", "up-to-date"):
-                    self._status.failed.pop(name, None)
+                    self._succeed(name)
                     if name not in self._status.uploaded:
                         self._status.uploaded.append(name)
                 elif status in ("failed", "conflict", "refused"):
-                    self._status.failed[name] = outcome["detail"]
+                    self._fail(("upload", name), outcome["detail"])
                     log.warning("mirror of %s to %s failed: %s", name, self.target.url, outcome["detail"])
 
 

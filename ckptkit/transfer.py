@@ -132,7 +132,8 @@ def copy_object(
                 )
 
     metadata = {DIGEST_METADATA_KEY: expected.digest} if expected is not None else None
-    # A small file goes up in one request (a stream is a three-request multipart upload on S3).
+    # A small file is read whole and handed over as bytes: one request wherever a stream would
+    # cost more (S3 streams of any size are already one PUT below 8 MiB, see s3_multipart).
     small = expected is not None and expected.size <= SMALL_FILE
     try:
         return dst.put(dst_key, b"".join(blocks()) if small else blocks(), metadata=metadata).size

@@ -245,7 +245,8 @@ def test_retention_spares_the_best_and_the_one_just_saved(all_kept: Run, tmp_pat
     state = TrainerState(global_step=6, best_model_checkpoint=str(run / "checkpoint-2"))
     callback.on_save(args, state, control)
     assert _dirs(run) == {"checkpoint-2", "checkpoint-6", "checkpoint-11"}
-    assert seen == [f"checkpoint-{n}" for n in (1, 3, 4, 5, 7, 8, 9, 10)]
+    # The abandoned run's committed checkpoint-6 first (so a mirror drops its copy too), then retention.
+    assert seen == [f"checkpoint-{n}" for n in (6, 1, 3, 4, 5, 7, 8, 9, 10)]
 
 
 def _no_manifest(_directory: str, names: list[str]) -> list[str]:

@@ -139,3 +139,12 @@ def test_uploads_finish_at_exit_without_close(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert set(remote_committed(str(tmp_path / "mirror"))) == {"step-00000001"}
     assert verify_checkpoint(open_store(tmp_path / "mirror").child("step-00000001")).ok
+
+
+def test_deleting_what_never_reached_the_mirror_is_not_a_failure(tmp_path: Path) -> None:
+    from ckptkit.mirror import Mirror
+
+    mirror = Mirror(open_store(tmp_path / "run"), str(tmp_path / "mirror"), isolated=False)
+    mirror.remove("step-00000001")
+    status = mirror.close()
+    assert status.deleted == ["step-00000001"] and status.ok

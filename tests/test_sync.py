@@ -280,3 +280,13 @@ def test_cli_jobs_default_is_the_library_default() -> None:
 
     (jobs,) = [p for p in sync_command.params if p.name == "jobs"]
     assert jobs.default == DEFAULT_JOBS
+
+
+def test_an_uncommitted_directory_at_a_local_destination_is_a_conflict(tmp_path: Path) -> None:
+    src = make_root(tmp_path / "src", steps=(5,))
+    (tmp_path / "dst/step-00000005").mkdir(parents=True)
+    (tmp_path / "dst/step-00000005/leftover.bin").write_bytes(b"raw")
+    report = sync(src, tmp_path / "dst")
+    (outcome,) = report.outcomes
+    assert outcome.status == "conflict" and "uncommitted directory" in outcome.detail
+    assert report.exit_code == 2 and outcome.bytes_sent == 0  # refused before copying anything

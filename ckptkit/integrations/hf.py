@@ -325,10 +325,15 @@ class CkptkitCallback(TrainerCallback):
         if state.is_world_process_zero:
             root = open_store(args.output_dir)
             name = hf_checkpoint_name(state.global_step)
-            if root.exists(name + "/" + MANIFEST_NAME):
+            committed = root.exists(name + "/" + MANIFEST_NAME)
+            if committed:
                 logger.warning("replacing committed %s/%s: training resumed before it", root.url, name)
+                if self.mirror is not None and name in self.mirror.pending():
+                    self.mirror.wait()  # its upload reads the directory about to go
             if name in root.list_dirs(""):
                 delete_checkpoint(root, name)
+                if committed:
+                    self._on_deleted(name)  # the mirror's copy goes too, before the new one is sent
         _barrier()  # no rank writes its files before the old directory is gone
 
     def _retain(self, root: Store, policy: RetentionPolicy, *, newest: str, best: str | None) -> None:

@@ -422,6 +422,14 @@ class Syncer:
                 action="conflict",
                 detail=f"the destination holds {what} under this name; delete it there first",
             )
+        if dst is not None and self.dst_root.capabilities.atomic_rename:
+            # The commit renames the staging directory to the name, which this one would block.
+            return dataclasses.replace(
+                plan,
+                action="conflict",
+                detail="the destination holds an uncommitted directory under this name "
+                "(a raw copy, or another tool's files); remove it first",
+            )
         plan.attempt = sync_attempt_id(manifest)
         txn = CheckpointTransaction(self.dst_root, dst_name, attempt=plan.attempt)
         present = {o.key: o.size for o in txn.files.list("")}
@@ -635,9 +643,27 @@ class Syncer:
             o.name == tag and o.status in ("committed", "up-to-date") for o in outcomes
         ):
             return
-        current = self.dst_root.get(_DEEPSPEED_LATEST) if self.dst_root.exists(_DEEPSPEED_LATEST) else None
-        if current is None or current.decode(errors="replace").strip() != tag:
-            self.dst_root.put(_DEEPSPEED_LATEST, tag.encode())
+
+        def write_latest() -> None:
+            current = (
+                self.dst_root.get(_DEEPSPEED_LATEST) if self.dst_root.exists(_DEEPSPEED_LATEST) else None
+            )
+            if current is None or current.decode(errors="replace").strip() != tag:
+                self.dst_root.put(_DEEPSPEED_LATEST, tag.encode())
+
+        try:
+            with_retries(write_latest, self.retry, f"writing {self.dst_root.url}/{_DEEPSPEED_LATEST}")
+        except (CkptkitError, OSError) as exc:  # the checkpoints are committed: report, not raise
+            outcomes.append(
+                CheckpointOutcome(
+                    _DEEPSPEED_LATEST,
+                    None,
+                    "copy",
+                    "failed",
+                    detail=f"not updated: {exc}",
+                    exit_code=getattr(exc, "exit_code", EXIT_STORAGE),
+                )
+            )
 
 
 def sync(

@@ -50,7 +50,7 @@ def upload_stream(fs: Any, path: str, chunks: Iterator[memoryview], extra: dict[
         if upload is None:  # the whole body is smaller than one part
             fs.call_s3("put_object", Bucket=bucket, Key=key, Body=_join(pending), **extra)
             return size
-        if pending_size or upload.parts_started == 0:
+        if pending_size:
             upload.send(_join(pending))
         upload.complete()
         return size
