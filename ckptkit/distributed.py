@@ -23,6 +23,7 @@ backend (NCCL's default timeout is 30 minutes), a dead rank costs the survivors 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ckptkit.manifest import FileEntry, Manifest, parse_manifest, validate_path
 from ckptkit.storage.base import Store, join_key
 
 DEFAULT_TIMEOUT_S = 300.0
+logger = logging.getLogger("ckptkit.distributed")
 
 # What a rank contributes to the gather: its files' entries, or why it failed.
 RankOutcome = list[FileEntry] | str
@@ -231,7 +233,15 @@ def commit_shared_attempt(
         except Exception as exc:
             attempt.transaction.abort()  # a no-op once committed
             status = (_describe(exc), None)
-    message, manifest_bytes = group.broadcast_from_0(status)
+    try:
+        message, manifest_bytes = group.broadcast_from_0(status)
+    except Exception as exc:  # a peer died after the gather
+        if status[1] is not None:  # rank 0 committed: the checkpoint exists, say so and go on
+            logger.warning("%s: committed, but telling the other ranks failed: %s", attempt.where, exc)
+            return parse_manifest(status[1])
+        raise DistributedCommitError(
+            f"{attempt.where}: the outcome of the commit did not reach this rank ({_describe(exc)})"
+        ) from exc
     if manifest_bytes is None:
         raise DistributedCommitError(f"{attempt.where}: commit failed on rank 0: {message}")
     return parse_manifest(manifest_bytes)
