@@ -56,6 +56,43 @@ def _new_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+class FileRecorder:
+    """Streams files into ``files``, hashing them on the way, and records their manifest entries
+    (paths below ``data_prefix``; ``prefix`` places the files, e.g. a rank's ``rank-00001``).
+    Thread-safe. What a transaction writes with, and each rank of a multi-rank save."""
+
+    def __init__(self, files: Store, data_prefix: str, prefix: str = "") -> None:
+        self._files = files
+        self._data_prefix = data_prefix
+        self._prefix = prefix
+        self._lock = threading.Lock()
+        self._entries: dict[str, FileEntry] = {}
+
+    def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
+        """Stream one file, hashing it on the way."""
+        key = join_key(self._prefix, validate_path(path))
+        hasher = StreamingDigest()
+        source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        self._files.put(key, hasher.tee(source))
+        entry = FileEntry.from_digest(join_key(self._data_prefix, key), hasher.result())
+        with self._lock:
+            if entry.path in self._entries:
+                raise AlreadyExistsError(f"{key} was written twice in one checkpoint")
+            self._entries[entry.path] = entry
+        return entry
+
+    def add(self, entries: Iterable[FileEntry]) -> None:
+        """Record files written and hashed elsewhere (by other ranks)."""
+        with self._lock:
+            for entry in entries:
+                self._entries[entry.path] = entry
+
+    @property
+    def entries(self) -> list[FileEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+
 class CheckpointTransaction:
     """Write the files of one checkpoint, then commit them atomically with a manifest.
 
@@ -69,8 +106,6 @@ class CheckpointTransaction:
         interrupted run already copied."""
         self.root = root
         self.name = validate_path(name)
-        self._lock = threading.Lock()
-        self._entries: dict[str, FileEntry] = {}
         self._done = False
         if root.exists(join_key(name, MANIFEST_NAME)):
             raise CommitConflictError(f"{root.url}/{name} is already committed")
@@ -86,25 +121,15 @@ class CheckpointTransaction:
         # Where this attempt's files live, relative to root.
         self.attempt_key = join_key(self._staging_key, self.data_prefix)
         self.files: Store = root.child(self.attempt_key)
+        self._recorder = FileRecorder(self.files, self.data_prefix)
 
     def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
         """Stream one file into the checkpoint, hashing it on the way. Thread-safe."""
-        validate_path(path)
-        hasher = StreamingDigest()
-        source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-        self.files.put(path, hasher.tee(source))
-        entry = FileEntry.from_digest(join_key(self.data_prefix, path), hasher.result())
-        with self._lock:
-            if entry.path in self._entries:
-                raise AlreadyExistsError(f"{path} was written twice in one checkpoint")
-            self._entries[entry.path] = entry
-        return entry
+        return self._recorder.write(path, data)
 
     def add_entries(self, entries: Iterable[FileEntry]) -> None:
         """Record files that other processes (ranks) wrote into ``files`` and hashed."""
-        with self._lock:
-            for entry in entries:
-                self._entries[entry.path] = entry
+        self._recorder.add(entries)
 
     def commit(
         self,
@@ -118,7 +143,7 @@ class CheckpointTransaction:
         manifest = Manifest.create(
             step=step,
             layout=layout,
-            files=list(self._entries.values()),
+            files=self._recorder.entries,
             topology=topology,
             metadata=metadata,
             metrics=metrics,

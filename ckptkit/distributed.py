@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ckptkit.commit import CheckpointTransaction
-from ckptkit.errors import AlreadyExistsError, CkptkitError
-from ckptkit.hashing import StreamingDigest
+from ckptkit.commit import CheckpointTransaction, FileRecorder
+from ckptkit.errors import CkptkitError
 from ckptkit.manifest import FileEntry, Manifest, parse_manifest, validate_path
-from ckptkit.storage.base import Store, join_key
+from ckptkit.storage.base import Store
 
 DEFAULT_TIMEOUT_S = 300.0
 logger = logging.getLogger("ckptkit.distributed")
@@ -123,34 +121,9 @@ class CommitGroup:
             dist.destroy_process_group(group)
 
 
-class AttemptSink:
+class AttemptSink(FileRecorder):
     """Writes one rank's files into a shared attempt, hashing them; a ``FileSink`` for
     :func:`ckptkit.native.write_native`. ``prefix`` places the files (``rank-00001``)."""
-
-    def __init__(self, files: Store, data_prefix: str, prefix: str = "") -> None:
-        self._files = files
-        self._data_prefix = data_prefix
-        self._prefix = prefix
-        self._lock = threading.Lock()
-        self._entries: dict[str, FileEntry] = {}
-
-    def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
-        """Stream one file into the attempt. Thread-safe."""
-        key = join_key(self._prefix, validate_path(path))
-        hasher = StreamingDigest()
-        source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-        self._files.put(key, hasher.tee(source))
-        entry = FileEntry.from_digest(join_key(self._data_prefix, key), hasher.result())
-        with self._lock:
-            if entry.path in self._entries:
-                raise AlreadyExistsError(f"{key} was written twice in one checkpoint")
-            self._entries[entry.path] = entry
-        return entry
-
-    @property
-    def entries(self) -> list[FileEntry]:
-        with self._lock:
-            return list(self._entries.values())
 
 
 @dataclass
