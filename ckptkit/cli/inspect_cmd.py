@@ -8,7 +8,6 @@ import click
 
 from ckptkit.cli.common import handles_errors, json_option, storage_options
 from ckptkit.cli.render import emit_json, format_bytes, table
-from ckptkit.errors import EXIT_FINDINGS, EXIT_OK
 
 if TYPE_CHECKING:
     from ckptkit.ops.inspect import InspectReport
@@ -71,19 +70,19 @@ def inspect_command(
     LR before the scheduler steps) are marked "benign" and explained.
 
     Exit 0 normally; 1 if the resume check finds a disagreement it cannot explain, or a file is
-    damaged; 2-4 for usage, unsafe content and storage errors.
+    damaged; 3 if a pickle names a global that is not vetted (as 'ckptkit scan'); 2 and 4 for
+    usage and storage errors.
     """
     views = [view for view, on in flags.items() if on]
     from ckptkit.ops.inspect import inspect_path
 
     selected = None if all_views or not views else views
     report = inspect_path(path, selected, stats=stats, **storage_options(ctx))
-    code = EXIT_OK if report.ok else EXIT_FINDINGS
     if as_json:
         emit_json(report.to_json())
-        return code
+        return report.exit_code
     click.echo("\n\n".join(part for part in _sections(report, limit) if part))
-    return code
+    return report.exit_code
 
 
 def _sections(report: InspectReport, limit: int) -> list[str]:
@@ -110,14 +109,32 @@ def _sections(report: InspectReport, limit: int) -> list[str]:
     if report.resume is not None:
         parts.append(_resume(report))
     parts += [f"problem: {p}" for p in report.problems]
+    if report.unsafe:
+        parts.append(_unsafe(report))
     return parts
 
 
+def _unsafe(report: InspectReport) -> str:
+    lines = [
+        f"unsafe: {u.file}: names {u.name} ({u.classification}) at byte {u.offset} of {u.pickle}"
+        for u in report.unsafe
+    ]
+    lines.append(
+        "UNSAFE: torch.load(weights_only=False) would import and call what is named above; "
+        "ckptkit ran nothing ('ckptkit scan' lists every global)"
+    )
+    return "\n".join(lines)
+
+
 def _fmt(value: Any) -> str:
+    from ckptkit.ops.inspect.values import printable_int
+
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if type(value) is int:
+        return str(printable_int(value))
     if isinstance(value, list):
         return ", ".join(_fmt(v) for v in value) or "-"
     return str(value)

@@ -16,7 +16,7 @@ from ckptkit.errors import FormatError
 from ckptkit.formats.dtypes import torch_itemsize
 from ckptkit.formats.sniff import LEGACY_MAGIC
 from ckptkit.formats.tree import check_tensor, walk_tensors
-from ckptkit.pickle import Limits, load_symbolic, storage_ref_from_pid
+from ckptkit.pickle import Limits, PickleFormatError, load_symbolic, storage_ref_from_pid
 from ckptkit.pickle.values import StorageRef
 from ckptkit.storage.base import Store
 
@@ -103,9 +103,16 @@ def _pickle(
                 start=start,
             )
             return result, start + result.size, prefix.data
-        except FormatError as exc:
+        except PickleFormatError as exc:
             if not prefix.grow():
-                raise FormatError(f"{key}: legacy {what} pickle at offset {start}: {exc}") from None
+                # Still a PickleFormatError: the globals read before (and past) the fault are the
+                # findings of a scan, a payload behind a broken or limit-tripping pickle included.
+                raise PickleFormatError(
+                    f"{key}: legacy {what} pickle at offset {start}: {exc}",
+                    offset=exc.offset,
+                    pickle_name=exc.pickle_name,
+                    globals=exc.globals,
+                ) from None
 
 
 def _legacy_ref(key: str, pid: Any) -> tuple[StorageRef, _View | None]:

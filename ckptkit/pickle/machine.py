@@ -9,7 +9,8 @@ table or become :class:`Opaque`. Literal opcodes live in :mod:`ckptkit.pickle.li
 Hostile input is bounded: declared lengths are checked against the input before anything is
 allocated; :class:`Limits` bound the memo, the stack, MARK nesting and the size of the result
 with shared references expanded (:mod:`ckptkit.pickle.bounds`); dict keys and set elements are
-measured before they are hashed and may not flood one hash value.
+measured before they are hashed and may not flood one hash value. A fault does not end the search
+for globals: :mod:`ckptkit.pickle.recovery` walks on to where CPython's unpickler would stop too.
 
 Speed: one dispatch through a 256-entry table of bound methods per opcode; handlers return the
 next read position; STOP ends the loop by exception, and the stack size is checked once per
@@ -30,6 +31,7 @@ from ckptkit.pickle.bounds import Cache, measure
 from ckptkit.pickle.entries import Entry, Malformed, NotVetted, OpaqueKind
 from ckptkit.pickle.literals import Literals
 from ckptkit.pickle.names import classify, global_ref
+from ckptkit.pickle.recovery import recover_globals
 from ckptkit.pickle.torch_refs import TorchSize
 from ckptkit.pickle.values import (
     Classification,
@@ -194,17 +196,37 @@ class _Machine(Literals):
         except _Passthrough as passthrough:
             raise passthrough.error from None
         except Malformed as exc:
-            raise self._error(op_pos, str(exc)) from None
+            raise self._fault(op_pos, str(exc)) from None
         except (IndexError, struct.error):
-            raise self._error(op_pos, "data ends inside an opcode (truncated pickle)") from None
+            raise self._fault(op_pos, "data ends inside an opcode (truncated pickle)") from None
         except (ValueError, OverflowError) as exc:  # int(), float(), decoding: bad literals
-            raise self._error(op_pos, f"bad literal: {exc}") from None
+            raise self._fault(op_pos, f"bad literal: {exc}") from None
         value = self.value
         try:
             measure(value, self.limits.max_output_nodes, self.limits.max_depth, {})
         except Malformed as exc:
             raise self._error(op_pos, str(exc)) from None
         return PickleResult(value, self.globals, self.declared_proto, self.stop - self.start)
+
+    def _fault(self, offset: int, message: str) -> PickleFormatError:
+        """The error for a parse stopped mid-stream, naming the globals the rest of it holds.
+
+        CPython's unpickler has none of our limits and is laxer in places, so it would go on
+        past ``offset`` and import whatever comes next: the stream is walked on for those globals
+        (:mod:`ckptkit.pickle.recovery`), and a payload behind a limit is still a payload.
+        """
+        self.stack.clear()  # the values are no longer needed; the walk may need the memory
+        self.memo.clear()
+        recovery = recover_globals(self.buf, self.start, self.limits, self.pickle_name)
+        seen = {use.offset for use in self.globals}
+        later = [use for use in recovery.globals if use.offset not in seen]
+        self.globals.extend(later)
+        if later:
+            names = ", ".join(sorted({use.ref.qualname for use in later}))
+            message += f"; read on without building values, the stream names {names}"
+        if not recovery.complete:
+            message += f"; it was not searched for globals past byte {recovery.stopped_at}"
+        return self._error(offset, message)
 
     def _error(self, offset: int, message: str) -> PickleFormatError:
         op = _OPCODE_NAMES.get(self.buf[offset]) if offset < self.size else None

@@ -181,6 +181,60 @@ def _memo_bomb(sentinel: Path) -> bytes:
     return bytes(out)
 
 
+# --- payloads behind a limit of ckptkit's interpreter that CPython does not have -----------------
+
+MARK_FLOOD = 300  # open MARKs before the payload; ckptkit's interpreter stops at 256
+_HASH_MODULUS = 2**61 - 1  # CPython hashes ints modulo this prime: k and k + n*M collide
+
+
+def _payload_call(sentinel: Path) -> bytes:
+    command = touch(sentinel).encode()
+    return b"cposix\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R"
+
+
+def _mark_flood(sentinel: Path) -> bytes:
+    # CPython's MARK stack grows without bound; STOP only needs the value above the last MARK.
+    return b"\x80\x02" + b"(" * MARK_FLOOD + _payload_call(sentinel) + b"."
+
+
+def _hash_flood(sentinel: Path) -> bytes:
+    # A dict of 9 int keys with one hash value (ckptkit allows 8), then the payload.
+    keys = {1 + i * _HASH_MODULUS: i for i in range(9)}
+    return pickle.dumps((keys, _system(sentinel)), protocol=2)
+
+
+def _list_setitem(sentinel: Path) -> bytes:
+    # SETITEM on a list: ckptkit refuses it, CPython calls list.__setitem__ and reads on.
+    return b"\x80\x02]K\x00aK\x00K\x05s" + _payload_call(sentinel) + b"\x86."
+
+
+def _torch_mark_flood(legacy: bool) -> Callable[[Path, Path, Any], None]:
+    """A real torch.save file whose object pickle opens MARK_FLOOD MARKs before its payload."""
+
+    def build(path: Path, sentinel: Path, sources: Any) -> None:
+        import torch
+
+        buffer = io.BytesIO()
+        state = {"w": torch.arange(6.0), "evil": _system(sentinel)}
+        torch.save(state, buffer, _use_new_zipfile_serialization=not legacy)
+        original = buffer.getvalue()
+        if legacy:  # the object is the 4th of the stacked pickles
+            start = 0
+            for _ in range(3):
+                start += _pickle_length(original[start:])
+            path.write_bytes(original[: start + 2] + b"(" * MARK_FLOOD + original[start + 2 :])
+            return
+        name = _data_pkl(original)
+        data = zipfile.ZipFile(io.BytesIO(original)).read(name)
+        _rewrite_zip(original, path, {name: data[:2] + b"(" * MARK_FLOOD + data[2:]})
+
+    return build
+
+
+def _pickle_length(data: bytes) -> int:
+    return next(pos for op, _, pos in pickletools.genops(data) if op.name == "STOP") + 1
+
+
 def _torch_save(make: Callable[[Path], Any], **kwargs: Any) -> Callable[[Path, Path, Any], None]:
     def build(path: Path, sentinel: Path, sources: Any) -> None:
         import torch
@@ -334,6 +388,17 @@ def _payloads() -> list[Payload]:
         ),
         Payload("npy_object_array", "array.npy", _npy_object, "posix.system", "numpy", torch_reads=False),
         Payload("memo_fanout_bomb", "bomb.pkl", _raw(_memo_bomb), "posix.system", "pickle", bomb=True),
+        Payload("mark_flood", "marks.pkl", _raw(_mark_flood), "posix.system", "pickle", bomb=True),
+        Payload("hash_flood_dict", "keys.pkl", _raw(_hash_flood), "posix.system", "pickle", bomb=True),
+        Payload("list_setitem", "setitem.pkl", _raw(_list_setitem), "posix.system", "pickle", bomb=True),
+        Payload("torch_zip_mark_flood", "marks.pt", _torch_mark_flood(legacy=False), "posix.system", "torch"),
+        Payload(
+            "torch_legacy_mark_flood",
+            "marks_legacy.pt",
+            _torch_mark_flood(legacy=True),
+            "posix.system",
+            "torch",
+        ),
         Payload(
             "deepspeed_loss_scaler_swapped",
             "zero_pp_rank_0_mp_rank_00_optim_states.pt",

@@ -84,6 +84,7 @@ def inspect_path(
     if stats is not None:
         report.stats = tensor_stats(ctx, stats)
     report.problems = list(ctx.problems)
+    report.unsafe = list(ctx.source.unsafe)
     return report
 
 

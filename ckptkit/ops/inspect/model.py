@@ -19,7 +19,7 @@ from ckptkit.ops.inspect.optimizer import is_optimizer_state
 from ckptkit.ops.inspect.rng import is_rng_state
 from ckptkit.ops.inspect.source import NamedTensor
 from ckptkit.ops.inspect.values import as_tensor, get
-from ckptkit.pickle import StorageRef, TensorRef
+from ckptkit.pickle import Opaque, StorageRef, TensorRef
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 FLOATING = frozenset(
@@ -167,13 +167,17 @@ def _state_dict_set(label: str, file: str, state: Mapping[str, Any]) -> ModelSet
 def _deepspeed_set(ctx: Context, doc: Document) -> ModelSet:
     value = doc.value
     module = value.get("module") if isinstance(value.get("module"), Mapping) else {}
-    shapes: dict[str, Any] = {}
-    for group in value.get("param_shapes") or []:
-        shapes.update(group if isinstance(group, Mapping) else {})
+    groups = value.get("param_shapes")
+    groups = [g for g in groups if isinstance(g, Mapping)] if isinstance(groups, (list, tuple)) else []
+    shapes: dict[Any, list[int]] = {}
+    for group in groups:
+        shapes.update(_declared_shapes(ctx, doc.file, "param_shapes", group))
     trainable = set(shapes)
-    frozen = value.get("frozen_param_shapes") if isinstance(value.get("frozen_param_shapes"), Mapping) else {}
-    shapes.update(frozen)
-    buffers = set(value.get("buffer_names") or [])
+    frozen = value.get("frozen_param_shapes")
+    if isinstance(frozen, Mapping):
+        shapes.update(_declared_shapes(ctx, doc.file, "frozen_param_shapes", frozen))
+    names = value.get("buffer_names")
+    buffers = {n for n in names if type(n) is str} if isinstance(names, (list, tuple)) else set()
     shared = value.get("shared_params") if isinstance(value.get("shared_params"), Mapping) else {}
     tensors = []
     for name, entry in module.items():
@@ -181,7 +185,7 @@ def _deepspeed_set(ctx: Context, doc: Document) -> ModelSet:
         if tensor is None:
             continue
         # ZeRO-3 saves empty placeholders for parameters: their shapes are in param_shapes.
-        shape = list(shapes.get(name, tensor.shape))
+        shape = shapes.get(name, list(tensor.shape))
         info = _info(name, tensor.dtype, shape, None)
         info.role = (
             "tied"
@@ -205,16 +209,32 @@ def _deepspeed_set(ctx: Context, doc: Document) -> ModelSet:
     return result
 
 
+def _declared_shapes(ctx: Context, file: str, field: str, group: Mapping[Any, Any]) -> dict[Any, list[int]]:
+    """``{name: shape}`` of a model-states shape table; an entry that is no shape (a damaged
+    file: ``torch.Size`` renamed into an unknown class) is a problem, not a crash."""
+    shapes = {}
+    for name, shape in group.items():
+        if isinstance(shape, (tuple, list)) and all(type(n) is int and n >= 0 for n in shape):
+            shapes[name] = list(shape)
+        else:
+            what = shape.cls.qualname if type(shape) is Opaque else type(shape).__name__
+            label = repr(name[:80]) if type(name) is str else f"of type {type(name).__name__}"
+            ctx.problems.append(f"{file}: {field} entry {label} is not a shape but {what}")
+    return shapes
+
+
 def _dcp_set(ctx: Context, prefix: str) -> ModelSet:
     # DCP keeps a whole training state flat under dotted names; .metadata lists every tensor.
     checkpoint = read_dcp(ctx.source.store, prefix)
+    metadata = f"{prefix}/.metadata" if prefix else ".metadata"
     ctx.problems.extend(checkpoint.problems)
+    ctx.source.note_globals(metadata, checkpoint.globals)
     tensors = [
         _info(e.fqn, e.dtype, list(e.size), None)
         for e in checkpoint.entries.values()
         if e.kind == "tensor" and e.dtype is not None and e.size is not None
     ]
-    return _finish(".metadata", [f"{prefix}/.metadata" if prefix else ".metadata"], tensors)
+    return _finish(".metadata", [metadata], tensors)
 
 
 def _info(name: str, dtype: str, shape: list[int], nbytes: int | None) -> TensorInfo:

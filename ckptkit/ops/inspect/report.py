@@ -7,14 +7,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_UNSAFE
 from ckptkit.ops.inspect.model import ModelSet
 from ckptkit.ops.inspect.optimizer import OptimizerInfo
 from ckptkit.ops.inspect.resume import ResumeCheck
 from ckptkit.ops.inspect.rng import RngState
 from ckptkit.ops.inspect.scaler import ScalerInfo
 from ckptkit.ops.inspect.scheduler import SchedulerInfo
+from ckptkit.ops.inspect.source import UnsafeGlobal
 from ckptkit.ops.inspect.stats import TensorStats
 from ckptkit.ops.inspect.trainer_state import TrainerState
+from ckptkit.ops.inspect.values import printable_int
 from ckptkit.ops.inspect.zero import ZeroInfo
 
 VIEWS = ("model", "optimizer", "scheduler", "scaler", "rng", "trainer_state")
@@ -37,11 +40,19 @@ class InspectReport:
     stats: list[TensorStats] | None = None
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what the readers found wrong in files
+    unsafe: list[UnsafeGlobal] = field(default_factory=list)  # what torch.load would import unvetted
 
     @property
     def ok(self) -> bool:
-        """No reader problem and no unexplained disagreement in the resume check."""
-        return not self.problems and (self.resume is None or self.resume.ok)
+        """No reader problem, nothing unsafe, and no unexplained disagreement in the resume check."""
+        return not self.problems and not self.unsafe and (self.resume is None or self.resume.ok)
+
+    @property
+    def exit_code(self) -> int:
+        """3 for unsafe content (as ``scan``), 1 for problems or a disagreement, else 0."""
+        if self.unsafe:
+            return EXIT_UNSAFE
+        return EXIT_OK if self.ok else EXIT_FINDINGS
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -76,7 +87,7 @@ class InspectReport:
             }
         if self.stats is not None:
             data["stats"] = self.stats
-        data.update(notes=self.notes, problems=self.problems)
+        data.update(notes=self.notes, problems=self.problems, unsafe=self.unsafe)
         return _jsonable(data)
 
 
@@ -89,4 +100,6 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if type(value) is float and not math.isfinite(value):
         return str(value)  # JSON has no NaN or inf; say what it was
+    if type(value) is int:
+        return printable_int(value)
     return value

@@ -17,7 +17,9 @@ from ckptkit.errors import FormatError
 from ckptkit.formats.safetensors import SafetensorsHeader, read_safetensors_header
 from ckptkit.formats.torchfile import TorchFile, read_torch_file
 from ckptkit.ops.inspect.values import as_tensor, integral
-from ckptkit.pickle import TensorRef
+from ckptkit.ops.scan import UNSAFE_CLASSES
+from ckptkit.pickle import PickleFormatError, TensorRef
+from ckptkit.pickle.values import GlobalUse
 from ckptkit.storage.base import Store
 
 MAX_JSON_BYTES = 64 << 20  # trainer_state.json of a long run is a few MB of log history
@@ -63,6 +65,17 @@ class NamedTensor:
         return f"{self.file}:{self.name}"
 
 
+@dataclass(frozen=True)
+class UnsafeGlobal:
+    """A global that loading ``file`` with ``torch.load(weights_only=False)`` would import unvetted."""
+
+    file: str
+    name: str  # module.name
+    classification: str  # "unknown" or "dangerous", as scan says
+    pickle: str
+    offset: int
+
+
 class Source:
     """Reads files of ``store`` on demand and keeps what it read."""
 
@@ -72,16 +85,31 @@ class Source:
         self._headers: dict[str, SafetensorsHeader] = {}
         self._json: dict[str, Any] = {}
         self.problems: list[str] = []
+        self.unsafe: list[UnsafeGlobal] = []
 
     def torch(self, key: str) -> TorchFile:
         if key not in self._torch:
-            found = read_torch_file(self.store, key)
+            try:
+                found = read_torch_file(self.store, key)
+            except PickleFormatError as exc:  # a payload before or behind the fault is still one
+                self.note_globals(key, exc.globals)
+                raise
+            self.note_globals(key, found.globals)
             self.problems.extend(f"{key}: {p}" for p in found.problems)
             self._torch[key] = found
         return self._torch[key]
 
     def value(self, key: str) -> Any:
         return self.torch(key).value
+
+    def note_globals(self, key: str, uses: list[GlobalUse]) -> None:
+        """Keep the globals of ``key`` that scan calls unsafe: describing the file is no reason
+        to stay silent about what loading it the usual way would import and call."""
+        for use in uses:
+            if use.classification in UNSAFE_CLASSES:
+                found = UnsafeGlobal(key, use.ref.qualname, use.classification, use.pickle_name, use.offset)
+                if found not in self.unsafe:
+                    self.unsafe.append(found)
 
     def safetensors(self, key: str) -> SafetensorsHeader:
         if key not in self._headers:

@@ -14,6 +14,8 @@ from typing import Any
 from ckptkit.pickle import GlobalRef, NdArray, Opaque, TensorRef, VettedObject, dtype_name
 
 _REBUILD_FROM_TYPE = GlobalRef("torch._tensor", "_rebuild_from_type_v2")
+# Below CPython's 4300-digit limit on int -> str (sys.set_int_max_str_digits): printable as is.
+_PRINTABLE_INT_BITS = 14_000
 
 
 def as_tensor(value: Any) -> TensorRef | None:
@@ -29,6 +31,15 @@ def as_tensor(value: Any) -> TensorRef | None:
         inner = value.args[2]
         return inner if type(inner) is TensorRef else None
     return None
+
+
+def printable_int(value: int) -> int | str:
+    """``value`` itself, or a description when it has too many digits for ``str()`` and JSON:
+    a pickle can hold any int (``torch.save({"step": 10**5000})``), CPython refuses to print one
+    of over 4300 digits."""
+    if value.bit_length() <= _PRINTABLE_INT_BITS:
+        return value
+    return f"<int of {math.floor(math.log10(abs(value))) + 1} digits>"
 
 
 def number(value: Any) -> float | int | None:

@@ -142,7 +142,8 @@ def _base_optimizer(ctx: Context, doc: Document, model: Any) -> OptimizerInfo | 
     if key is None:
         return None
     shapes = get(model, "param_shapes")
-    per_group = [len(g) for g in shapes] if isinstance(shapes, list) else None
+    tables = isinstance(shapes, list) and all(isinstance(g, Mapping) for g in shapes)
+    per_group = [len(g) for g in shapes] if tables else None
     declared = get(doc.value, "ds_config", "optimizer", "type")
     declared = declared if isinstance(declared, str) else None
     return describe_optimizer(ctx, doc, f"optimizer_state_dict.{key}", osd[key], per_group, declared)
