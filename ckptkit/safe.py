@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -25,8 +26,9 @@ from types import MappingProxyType
 from typing import Any
 
 from ckptkit.errors import FormatError, UnsafeContentError
-from ckptkit.formats.dtypes import torch_itemsize
+from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.torchfile import TorchFile, read_torch_file
+from ckptkit.formats.tree import check_storage
 from ckptkit.ops.scan import UNSAFE_CLASSES, open_target, scan_file
 from ckptkit.pickle import NdArray, Opaque, PickleFormatError, StorageRef, TensorRef, TorchSize, VettedObject
 from ckptkit.pickle.values import GlobalRef
@@ -156,7 +158,9 @@ def safe_load(
     device, a ``{saved: new}`` dict, or a callable ``(storage, location)``). Raises
     :class:`UnsafeContentError` naming every global that is not vetted, and
     :class:`FormatError` when the file is inconsistent (a CRC or a record size that does not
-    match, a tensor view past its storage) rather than building anything from it.
+    match, a tensor view past its storage) rather than returning anything built from it. Each
+    zip record's CRC-32 is checked as its bytes are read; the records no tensor needs
+    (``version``, ...) are checked too, so a file this accepts passes ``ckptkit verify``.
     """
     target = open_target(path_or_url, **storage_options)
     if not target.is_file:
@@ -175,7 +179,26 @@ def safe_load(
     _refuse(key, unvetted_globals(torch_file))
     if torch_file.problems:
         raise FormatError(f"{key}: not loaded, the file is inconsistent: " + "; ".join(torch_file.problems))
-    return _Builder(target.store, key, map_location).build(torch_file.value)
+    builder = _Builder(target.store, key, map_location, torch_file.archive)
+    value = builder.build(torch_file.value)
+    _check_unread_records(target.store, torch_file, builder.crc_checked)
+    return value
+
+
+def _check_unread_records(store: Store, torch_file: TorchFile, checked: set[str]) -> None:
+    """The CRC-32 of every zip record neither the reader nor the build checked (``version``,
+    a storage no tensor uses): ``verify`` checks them all, and so must a load that accepts."""
+    if torch_file.archive is None:
+        return
+    done = checked | torch_file.crc_checked
+    for entry in torch_file.archive.entries:
+        # CRC 0 with data: written with CRCs off; verify warns and skips such a record too.
+        if entry.name not in done and entry.crc32 and not zr.crc_check(store, entry):
+            raise FormatError(_crc_failure(torch_file.key, entry.name))
+
+
+def _crc_failure(key: str, record: str) -> str:
+    return f"{key}: not loaded: record {record} fails its CRC-32 check: the bytes changed after writing"
 
 
 def unvetted_globals(torch_file: TorchFile) -> set[str]:
@@ -240,7 +263,7 @@ def _walk(root: Any) -> Iterator[Any]:
 class _Builder:
     """Turns the symbolic tree into real objects; each shared node is built once, so sharing holds."""
 
-    def __init__(self, store: Store, key: str, map_location: Any) -> None:
+    def __init__(self, store: Store, key: str, map_location: Any, archive: zr.ZipArchive | None) -> None:
         import torch
 
         self.torch = torch
@@ -248,6 +271,9 @@ class _Builder:
         self.restore = _restore_location(map_location)
         self.memo: dict[int, Any] = {}
         self.storages: dict[str, Any] = {}
+        # Zip records' CRC-32s (none for legacy files); 0 means the writer turned CRCs off.
+        self.crcs = {} if archive is None else {entry.name: entry.crc32 for entry in archive.entries}
+        self.crc_checked: set[str] = set()
 
     def build(self, node: Any) -> Any:
         if type(node) in _SCALARS:
@@ -323,20 +349,21 @@ class _Builder:
         cached = self.storages.get(ref.key)
         if cached is not None:
             return cached
-        itemsize = torch_itemsize(ref.dtype)
-        if ref.byte_offset is None or ref.nbytes is None or itemsize is None:
-            raise FormatError(f"{self.key}: storage {ref.key!r}: record missing or compressed")
-        if ref.nbytes != ref.numel * itemsize:
-            raise FormatError(f"{self.key}: storage {ref.key!r}: {ref.nbytes} bytes for {ref.numel} elements")
+        problem = check_storage(ref)
+        if problem is not None:
+            raise FormatError(f"{self.key}: {problem}")
         buffer = self.torch.empty(ref.nbytes, dtype=self.torch.uint8)
-        if ref.nbytes:
-            self._read_into(ref.byte_offset, buffer.numpy())
+        crc = self._read_into(ref.byte_offset, buffer.numpy()) if ref.nbytes else 0
+        self._check_crc(ref.record, crc)
         storage = self.restore(buffer.untyped_storage(), ref.location)
         self.storages[ref.key] = storage
         return storage
 
-    def _read_into(self, offset: int, out: Any) -> None:
+    def _read_into(self, offset: int, out: Any) -> int:
+        """Fill ``out`` from byte ``offset`` of the file; the CRC-32 of what was read, computed
+        chunk by chunk as it arrives, so checking costs no second pass."""
         view = memoryview(out).cast("B")
+        crc = 0
         with self.store.open_read(self.key) as stream:
             stream.seek(offset)
             filled = 0
@@ -344,7 +371,16 @@ class _Builder:
                 n = stream.readinto(view[filled:])
                 if not n:
                     raise FormatError(f"{self.key}: file ends inside a storage at byte {offset + filled}")
+                crc = zlib.crc32(view[filled : filled + n], crc)
                 filled += n
+        return crc
+
+    def _check_crc(self, record: str | None, crc: int) -> None:
+        expected = self.crcs.get(record) if record is not None else None
+        if expected and crc != expected:
+            raise FormatError(_crc_failure(self.key, str(record)))
+        if record is not None:
+            self.crc_checked.add(record)
 
     # --- other vetted values -----------------------------------------------------------------
 

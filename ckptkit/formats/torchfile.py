@@ -42,6 +42,8 @@ class TorchFile:
     record_prefix: str | None = None  # zip: the "<prefix>/" directory of every record
     prefix_offset: int = 0  # zip: bytes before the archive
     byteorder: str = "little"
+    archive: zr.ZipArchive | None = None  # zip: its directory, whose records carry CRC-32s
+    crc_checked: frozenset[str] = frozenset()  # zip records whose CRC-32 this reader checked
 
 
 def read_torch_file(store: Store, key: str, *, limits: Limits | None = None) -> TorchFile:
@@ -94,6 +96,7 @@ def _read_zip(store: Store, key: str, limits: Limits) -> TorchFile:
     tensors = walk_tensors(result.value)
     for path, tensor in tensors:
         problems.extend(check_tensor(path, tensor))
+    small = (pickle_entry, archive.get(f"{prefix}/byteorder"))
     return TorchFile(
         key,
         "zip",
@@ -106,6 +109,8 @@ def _read_zip(store: Store, key: str, limits: Limits) -> TorchFile:
         record_prefix=prefix,
         prefix_offset=archive.prefix_offset,
         byteorder=byteorder,
+        archive=archive,
+        crc_checked=frozenset(entry.name for entry in small if entry is not None),
     )
 
 

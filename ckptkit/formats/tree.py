@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ckptkit.formats.dtypes import torch_itemsize
-from ckptkit.pickle.values import NdArray, Opaque, TensorRef, VettedObject
+from ckptkit.pickle.values import NdArray, Opaque, StorageRef, TensorRef, VettedObject
 
 ROOT = "state"
 # A zero-stride expand can declare a huge tensor over a tiny storage (formats.md §3.3); past this
@@ -65,6 +65,25 @@ def _key(key: Any) -> str:
     if isinstance(key, (int, float, bool)) or key is None:
         return repr(key)
     return repr(key) if not isinstance(key, (NdArray, bytes)) else type(key).__name__
+
+
+def check_storage(storage: StorageRef) -> str | None:
+    """Whether the storage's bytes are located and its record holds exactly what it declares.
+
+    Readers record a short record as a problem and keep going; whoever reads the bytes
+    (``safe_load``, ``inspect --stats``) refuses the storage here, before allocating anything
+    sized by the declared element count, which a 650-byte file can set to 10**12.
+    """
+    itemsize = torch_itemsize(storage.dtype)
+    if storage.byte_offset is None or storage.nbytes is None or itemsize is None:
+        return f"storage {storage.key!r}: its record is missing or compressed, or its dtype unknown"
+    declared = storage.numel * itemsize
+    if storage.nbytes != declared:
+        return (
+            f"storage {storage.key!r}: record {storage.record} holds {storage.nbytes} bytes, but it is "
+            f"declared as {storage.numel} × {storage.dtype} = {declared} bytes"
+        )
+    return None
 
 
 def check_tensor(path: str, tensor: TensorRef) -> list[str]:
