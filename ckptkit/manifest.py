@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from ckptkit import nesting
 from ckptkit.errors import ManifestError, UnsafePathError, UnsupportedSchemaError
 from ckptkit.hashing import ALGORITHM, CHUNK_SIZE, FileDigest
 
@@ -30,6 +31,9 @@ _DIGEST_RE = re.compile(r"sha256-tree:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _MAX_PATH = 4096
+# JSON levels a manifest may nest (its own object is level 1, ``metadata`` level 2): far more
+# than any real metadata, far less than where json and the walkers of a manifest run out of stack.
+MAX_NESTING = 100
 
 
 def validate_path(path: object) -> str:
@@ -157,6 +161,11 @@ class Manifest:
     def to_bytes(self) -> bytes:
         try:
             text = json.dumps(self.to_json(), indent=1, allow_nan=False, ensure_ascii=False)
+        except RecursionError:
+            # Nested far past MAX_NESTING: parse_manifest would refuse it anyway.
+            raise ManifestError(
+                f"manifest metadata nested too deep to write; the limit is {MAX_NESTING} levels"
+            ) from None
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"manifest metadata is not JSON-serialisable: {exc}") from exc
         return text.encode() + b"\n"
@@ -202,7 +211,9 @@ def _refuse_constant(name: str) -> None:
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate manifest bytes; raise :class:`ManifestError` naming the problem."""
     try:
-        obj = json.loads(data, parse_constant=_refuse_constant)
+        obj = nesting.loads_bounded(data, MAX_NESTING, "manifest", parse_constant=_refuse_constant)
+    except nesting.NestingError as exc:
+        raise ManifestError(str(exc)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:

@@ -23,13 +23,15 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ckptkit.catalog import list_checkpoints
+from ckptkit.catalog import CheckpointInfo, list_checkpoints
 from ckptkit.commit import delete_checkpoint
 from ckptkit.errors import CkptkitError
 from ckptkit.ops.sync import DEFAULT_JOBS, Syncer, SyncTarget
+from ckptkit.retention import RetentionPolicy, candidate, order_candidates
 from ckptkit.storage import Store, open_store
 from ckptkit.transfer import RetryPolicy, with_retries
 
@@ -99,6 +101,7 @@ class Mirror:
         self._pending: list[str] = []
         self._status = MirrorStatus(self.target.url)
         self._failed_jobs: dict[str, _Job] = {}  # what to try again, by the key in status.failed
+        self._retention: RetentionPolicy | None = None  # what a catch-up reconciles deletions by
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="ckptkit-mirror", daemon=True)
         self._thread.start()
@@ -124,9 +127,15 @@ class Mirror:
         """Delete checkpoint ``name`` at the remote (retention deleted it locally)."""
         self._put(("delete", name))
 
-    def catch_up(self) -> None:
+    def catch_up(self, retention: RetentionPolicy | None = None) -> None:
         """Upload every committed checkpoint of ``source`` that the remote lacks or holds only
-        partly (a process killed mid-upload), in the background."""
+        partly (a process killed mid-upload), in the background.
+
+        With ``retention`` (the policy that deletes under ``source``), also delete at the remote
+        what that policy deleted here while the remote deletion died with an earlier process
+        (see :func:`stale_at_target`).
+        """
+        self._retention = retention
         self._put(("catch-up", ""))
 
     def pending(self) -> set[str]:
@@ -206,11 +215,7 @@ class Mirror:
 
     def _run(self, kind: str, name: str) -> None:
         if kind == "catch-up":
-            for info in list_checkpoints(self.source, read_manifests=False):
-                if info.committed and info.name not in self.pending():
-                    self._enqueue(("upload", info.name))
-            with self._lock:
-                self._succeed("<catch-up>")
+            self._catch_up()
             return
         answer = self._in_process(kind, name) if self._process_spec else self._in_thread(kind, name)
         if "error" in answer:
@@ -221,6 +226,19 @@ class Mirror:
                 self._succeed(name)
             return
         self._record(answer["report"])
+
+    def _catch_up(self) -> None:
+        # Both listings must be complete (list_checkpoints raises otherwise) before anything
+        # is deleted: what a listing could not see would count as gone.
+        local = list_checkpoints(self.source, read_manifests=self._retention is not None)
+        if self._retention is not None:
+            for name in stale_at_target(local, list_checkpoints(self.target), self._retention):
+                self._enqueue(("delete", name))
+        for info in local:
+            if info.committed and info.name not in self.pending():
+                self._enqueue(("upload", info.name))
+        with self._lock:
+            self._succeed("<catch-up>")
 
     def _in_thread(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "delete":
@@ -276,6 +294,33 @@ class Mirror:
                 elif status in ("failed", "conflict", "refused"):
                     self._fail(("upload", name), outcome["detail"])
                     log.warning("mirror of %s to %s failed: %s", name, self.target.url, outcome["detail"])
+
+
+def stale_at_target(
+    local: Sequence[CheckpointInfo], remote: Sequence[CheckpointInfo], retention: RetentionPolicy
+) -> list[str]:
+    """Committed checkpoints at the mirror that ``retention`` deleted locally while their
+    deletion at the mirror never happened (it was queued in a process that was killed).
+
+    The mirror holds what local retention keeps. A remote checkpoint is stale only if no
+    directory of its name is left locally (an invalid or incomplete local copy counts: the
+    remote one may be the only good copy), it is older than the newest local committed
+    checkpoint (a newer one was not written here, or was deleted here by hand), and the policy,
+    applied to the local checkpoints plus those older remote ones, expires it, as the lost
+    retention pass would have; the newest and the best are never expired. An empty local root
+    (a fresh machine, a root emptied on purpose) says nothing about what the mirror should
+    hold: nothing is stale then.
+    """
+    present = {c.name for c in local}
+    committed = [candidate(c) for c in local if c.committed]
+    if not committed or not retention.has_rules:
+        return []
+    gone = [candidate(c) for c in remote if c.committed and c.name not in present]
+    ordered = order_candidates(committed + gone)
+    newest_local = max(i for i, c in enumerate(ordered) if c.name in present)
+    considered = ordered[: newest_local + 1]
+    expired = set(retention.expired_names(considered))
+    return [c.name for c in considered if c.name in expired and c.name not in present]
 
 
 def _process_spec(

@@ -97,11 +97,7 @@ class RetentionPolicy:
         """The committed checkpoints this policy deletes, oldest first. Uncommitted entries are
         neither kept nor expired here: they are ``gc``'s business, not retention's."""
         infos = {c.name: c for c in committed if c.committed}
-        candidates = [
-            Candidate(c.name, c.step, c.manifest.metrics if c.manifest else {}, c.created)
-            for c in infos.values()
-        ]
-        return [infos[name] for name in self.expired_names(candidates)]
+        return [infos[name] for name in self.expired_names([candidate(c) for c in infos.values()])]
 
     def expired_names(self, candidates: Iterable[Candidate | tuple[Any, ...]]) -> list[str]:
         """Names of the checkpoints this policy deletes, oldest first.
@@ -140,6 +136,11 @@ class RetentionPolicy:
             if (value := _metric(c, self.keep_best)) is not None
         ]
         return [name for _score, _position, name in sorted(scored)[: self.keep_best_count]]
+
+
+def candidate(info: CheckpointInfo) -> Candidate:
+    """A listed checkpoint as retention sees it (metrics from its manifest, if it was read)."""
+    return Candidate(info.name, info.step, info.manifest.metrics if info.manifest else {}, info.created)
 
 
 def order_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:

@@ -10,11 +10,16 @@ import json
 from typing import Any
 
 WIDTH = 120
+# Deeper nodes stay on one line: each indented level costs two stack frames, and indentation
+# this deep helps no reader.
+MAX_INDENT = 16
 
 
 def dumps(value: Any, indent: int = 0) -> str:
     flat = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
-    if indent + len(flat) <= WIDTH or not isinstance(value, (dict, list)) or not value:
+    if indent + len(flat) <= WIDTH or indent >= MAX_INDENT:
+        return flat
+    if not isinstance(value, (dict, list)) or not value:
         return flat
     pad = " " * (indent + 1)
     if isinstance(value, dict):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -10,13 +9,15 @@ from typing import Any
 
 import torch
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import FormatError, UnsafePathError
+from ckptkit.manifest import validate_path
 from ckptkit.native.buffers import host_memoryview
 from ckptkit.native.dtypes import torch_dtype
 from ckptkit.native.plan import element_extent
 from ckptkit.native.safetensors_io import ShardReader
 from ckptkit.native.tree import TAG, TreeDecoder
 from ckptkit.native.writer import FORMAT_NAME, FORMAT_VERSION, TREE_FILE
+from ckptkit.nesting import TREE_JSON_DEPTH, NestingError, check_tree_depth, loads_bounded
 from ckptkit.storage.base import Store
 
 MapLocation = (
@@ -55,7 +56,9 @@ def read_native(
 
 def load_document(store: Store) -> dict[str, Any]:
     try:
-        document = json.loads(store.get(TREE_FILE).decode("utf-8"))
+        document = loads_bounded(store.get(TREE_FILE).decode("utf-8"), TREE_JSON_DEPTH, f"{TREE_FILE}: JSON")
+    except NestingError as exc:
+        raise FormatError(str(exc)) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{TREE_FILE}: not valid JSON: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
@@ -70,7 +73,24 @@ def load_document(store: Store) -> dict[str, Any]:
             raise FormatError(f"{TREE_FILE}: '{field}' is missing or not a {kind.__name__}")
     if "tree" not in document:
         raise FormatError(f"{TREE_FILE}: 'tree' is missing")
+    try:
+        check_tree_depth(document["tree"], f"{TREE_FILE}: the state tree")
+    except NestingError as exc:
+        raise FormatError(str(exc)) from None
+    for index, shard in enumerate(document["shards"]):
+        _check_shard(index, shard)
     return document
+
+
+def _check_shard(index: int, shard: Any) -> None:
+    # Shards are read through the store: only a path inside the checkpoint will do, and an int
+    # or null here would otherwise surface as a raw AttributeError at the first tensor.
+    try:
+        validate_path(shard)
+    except UnsafePathError as exc:
+        raise FormatError(
+            f"{TREE_FILE}: shard {index} {shard!r} is not a file inside the checkpoint ({exc.reason})"
+        ) from None
 
 
 def select_keys(tree: Any, keys: Sequence[str]) -> Any:

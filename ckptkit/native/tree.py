@@ -41,6 +41,7 @@ import torch
 
 from ckptkit.errors import FormatError, UnstorableValueError
 from ckptkit.native.dtypes import torch_dtype, torch_name
+from ckptkit.nesting import MAX_TREE_DEPTH
 
 TAG = "t"
 # Ints beyond this magnitude lose precision in JSON readers that use doubles (JavaScript, jq).
@@ -80,9 +81,11 @@ def encode_float(value: float) -> Json:
     return {TAG: "float", "v": "nan" if bits == _CANONICAL_NAN else f"nan:{bits:016x}"}
 
 
-def _is_storable_key(key: object) -> bool:
+def _is_storable_key(key: object, levels: int = MAX_TREE_DEPTH) -> bool:
+    """Whether ``key`` is made of storable scalars; past ``levels`` of nesting it says yes and
+    leaves the refusal to :meth:`TreeEncoder.encode`, whose error names the depth limit."""
     if type(key) in (tuple, frozenset):
-        return all(_is_storable_key(item) for item in key)  # type: ignore[attr-defined]
+        return levels <= 0 or all(_is_storable_key(item, levels - 1) for item in key)  # type: ignore[attr-defined]
     return type(key) in _KEY_SCALARS
 
 
@@ -135,6 +138,14 @@ class TreeEncoder:
     def _entered(self, container: object, path: TreePath) -> Iterator[None]:
         if id(container) in self._open:
             raise UnstorableValueError(format_path(path), "cycle: a container holds itself")
+        # Encoding, writing and reading a tree recurse per level; the limit keeps them all far
+        # from Python's recursion limit, and the reader refuses what is deeper than it.
+        if len(self._open) >= MAX_TREE_DEPTH:
+            raise UnstorableValueError(
+                format_path(path),
+                f"containers nested more than {MAX_TREE_DEPTH} levels deep; the native format "
+                f"stores at most {MAX_TREE_DEPTH}",
+            )
         self._open.add(id(container))
         try:
             yield
@@ -148,7 +159,7 @@ class TreeEncoder:
         if kind in _SEQUENCES:
             return {TAG: _SEQUENCES[kind], "v": [self.encode(x, (*path, i)) for i, x in enumerate(value)]}
         for key in value:
-            if not _is_storable_key(key):
+            if not _is_storable_key(key, MAX_TREE_DEPTH - len(self._open)):
                 raise UnstorableValueError(
                     format_path(path), f"dict key of type {describe_type(type(key))} is not storable"
                 )

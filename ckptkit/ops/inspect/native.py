@@ -13,8 +13,10 @@ import struct
 from collections import Counter, OrderedDict
 from typing import Any
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import FormatError, UnsafePathError
 from ckptkit.formats.dtypes import torch_itemsize
+from ckptkit.manifest import validate_path
+from ckptkit.nesting import NestingError, check_tree_depth
 from ckptkit.ops.inspect.source import Source
 from ckptkit.pickle import GlobalRef, NdArray, StorageRef, TensorRef, TorchSize, VettedObject
 
@@ -32,8 +34,25 @@ def read_native_tree(source: Source) -> Any:
     shards, entries, records = document.get("shards"), document.get("entries"), document.get("tensors")
     if not (isinstance(shards, list) and isinstance(entries, dict) and isinstance(records, list)):
         raise FormatError(f"{TREE_FILE}: 'shards', 'entries' or 'tensors' is malformed")
+    for index, shard in enumerate(shards):
+        _check_shard(index, shard)
     tensors = [_tensor(source, shards, entries, record) for record in records]
+    try:
+        check_tree_depth(document.get("tree"), f"{TREE_FILE}: the state tree")
+    except NestingError as exc:  # deeper than the writer writes: _Decoder would run out of stack
+        raise FormatError(str(exc)) from None
     return _Decoder(tensors).decode(document.get("tree"))
+
+
+def _check_shard(index: int, shard: Any) -> None:
+    # A shard is read through the store, so it must be a path inside the checkpoint; an int or
+    # null here would otherwise surface as a raw TypeError or a misleading storage error.
+    try:
+        validate_path(shard)
+    except UnsafePathError as exc:
+        raise FormatError(
+            f"{TREE_FILE}: shard {index} {shard!r} is not a file inside the checkpoint ({exc.reason})"
+        ) from None
 
 
 def _tensor(source: Source, shards: list[Any], entries: dict[str, Any], record: Any) -> TensorRef:
@@ -41,9 +60,18 @@ def _tensor(source: Source, shards: list[Any], entries: dict[str, Any], record: 
         raise FormatError(f"{TREE_FILE}: a tensor record is not an object")
     dtype, shape, stride = record.get("dtype"), record.get("shape"), record.get("stride")
     itemsize = torch_itemsize(dtype) if isinstance(dtype, str) else None
-    if itemsize is None or not _ints(shape) or not _ints(stride) or len(shape) != len(stride):
+    offset = record.get("offset", 0)
+    if (
+        itemsize is None
+        or not _ints(shape)
+        or not _ints(stride)
+        or len(shape) != len(stride)
+        or type(offset) is not int
+        or offset < 0
+        or offset % itemsize
+    ):
         raise FormatError(f"{TREE_FILE}: malformed tensor record {str(record)[:120]}")
-    name, offset = record.get("entry"), record.get("offset", 0)
+    name = record.get("entry")
     shard, absolute, nbytes = None, None, 0
     spec = entries.get(name) if isinstance(name, str) else None
     if isinstance(spec, dict) and type(spec.get("shard")) is int and 0 <= spec["shard"] < len(shards):
@@ -52,13 +80,16 @@ def _tensor(source: Source, shards: list[Any], entries: dict[str, Any], record: 
         entry = header.entries.get(name)
         if entry is None:
             raise FormatError(f"{shard}: has no entry {name!r}, which {TREE_FILE} refers to")
-        absolute, nbytes = entry.offset + (offset if type(offset) is int else 0), entry.nbytes
+        absolute, nbytes = entry.offset, entry.nbytes
     elif name is not None:
         raise FormatError(f"{TREE_FILE}: tensor entry {name!r} is not in the entry table")
+    # The entry is the storage, counted in bytes (views of several dtypes may share it), and
+    # the byte offset the tensor's place in it, as for a pickled view: the shared checks then
+    # hold the view to the entry's bounds.
     storage = StorageRef(
         str(name),
-        dtype,
-        nbytes // itemsize,
+        "uint8",
+        nbytes,
         str(record.get("device", "cpu")),
         record=shard,
         byte_offset=absolute,
@@ -69,7 +100,7 @@ def _tensor(source: Source, shards: list[Any], entries: dict[str, Any], record: 
         dtype,
         tuple(shape),
         tuple(stride),
-        0,
+        offset // itemsize,
         requires_grad=record.get("requires_grad") is True,
         is_parameter=record.get("parameter") is True,
     )
