@@ -48,7 +48,8 @@ def split_parent(url: str | os.PathLike[str]) -> tuple[str, str]:
     if "/" not in body.strip("/"):
         if sep:
             raise InvalidURLError(f"{text!r}: a checkpoint needs a parent (s3://bucket/name at least)")
-        return ".", body
+        # "/data" lies in the filesystem root, not in the working directory.
+        return ("/", body.lstrip("/")) if body.startswith("/") else (".", body)
     parent, name = body.rsplit("/", 1)
     return (f"{scheme}://{parent}" if sep else parent or "/"), name
 

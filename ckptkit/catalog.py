@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ckptkit.commit import ATTEMPT_RE, is_ckptkit_debris_dir
-from ckptkit.errors import ManifestError, NotCommittedError, NotFoundError
+from ckptkit.errors import IncompleteListingError, ManifestError, NotCommittedError, NotFoundError
 from ckptkit.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from ckptkit.storage.base import ObjectInfo, Store
 
@@ -85,19 +85,34 @@ def _iso(mtime: float | None) -> str | None:
     return dt.datetime.fromtimestamp(mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def list_checkpoints(root: Store, *, read_manifests: bool = True, jobs: int = 16) -> list[CheckpointInfo]:
+def list_checkpoints(
+    root: Store,
+    *,
+    read_manifests: bool = True,
+    jobs: int = 16,
+    unreadable: list[tuple[str, str]] | None = None,
+) -> list[CheckpointInfo]:
     """Every checkpoint directory under ``root``, oldest first (by step, then creation time).
 
     With ``read_manifests=False`` only the listing is used (a few LIST requests however many
     checkpoints there are): a checkpoint counts as committed when its manifest object exists,
     its step comes from its name, its size and file count from the objects present, and its
     creation time is the manifest's mtime. Manifests are then neither parsed nor validated.
+
+    A listing that could not see everything raises :class:`IncompleteListingError`, so nothing
+    acts on a partial view; a caller that only shows what it saw passes ``unreadable``, a list
+    that receives the ``(path, reason)`` pairs instead.
     """
     groups: dict[str, list[ObjectInfo]] = defaultdict(list)
-    for info in root.list(""):
-        top, sep, _rest = info.key.partition("/")
-        if sep and not is_ckptkit_debris_dir(top) and not top.startswith("."):
-            groups[top].append(info)
+    try:
+        for info in root.list(""):
+            top, sep, _rest = info.key.partition("/")
+            if sep and not is_ckptkit_debris_dir(top) and not top.startswith("."):
+                groups[top].append(info)
+    except IncompleteListingError as exc:
+        if unreadable is None:
+            raise
+        unreadable.extend(exc.problems)
 
     committed = [
         name for name, objs in groups.items() if any(o.key == f"{name}/{MANIFEST_NAME}" for o in objs)

@@ -8,6 +8,8 @@ callers that already catch builtins keep working. Each class carries the CLI exi
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
@@ -30,6 +32,19 @@ class StorageError(CkptkitError, OSError):
     exit_code = EXIT_STORAGE
 
 
+class PermanentStorageError(StorageError):
+    """A backend answer that trying again cannot change: no space left, a read-only filesystem,
+    a quota, a name or an object too large. Transfers fail at once instead of retrying it."""
+
+
+# The OSError numbers that adapters translate into PermanentStorageError.
+PERMANENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EROFS", "EDQUOT", "EFBIG", "ENAMETOOLONG", "EMSGSIZE")
+    if hasattr(errno, name)
+)
+
+
 class NotFoundError(StorageError, FileNotFoundError):
     """A key, checkpoint, bucket or path does not exist."""
 
@@ -40,6 +55,35 @@ class AlreadyExistsError(StorageError, FileExistsError):
 
 class AccessDeniedError(StorageError, PermissionError):
     """The backend refused the request: missing or wrong credentials, or no permission."""
+
+
+class NotRegularFileError(StorageError):
+    """A symbolic link, FIFO, socket or device where checkpoint data should be.
+
+    Only regular files are checkpoint data: a link could lead out of the checkpoint, and
+    opening a FIFO or a device blocks forever or reads without end.
+    """
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(f"{path}: is a {kind}, not a regular file; only regular files are checkpoint data")
+        self.path = path
+        self.kind = kind
+
+
+class IncompleteListingError(StorageError):
+    """A listing that could not see everything below its prefix.
+
+    Raised after every readable object was yielded, so a reader can report what it saw; nothing
+    destructive (retention, ``gc``, ``sync --delete``, mirror deletes) may act on such a listing,
+    since what it could not see would count as gone. ``problems`` holds ``(path, reason)`` pairs.
+    """
+
+    def __init__(self, url: str, problems: list[tuple[str, str]]) -> None:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        super().__init__(f"{url}: could not list everything: {shown}{more}")
+        self.url = url
+        self.problems = problems
 
 
 class BackendMissingError(CkptkitError, ImportError):
@@ -105,6 +149,25 @@ class ChecksumMismatchError(CkptkitError):
         self.expected = expected
         self.actual = actual
         self.byte_range = byte_range
+
+
+class SizeMismatchError(ChecksumMismatchError):
+    """File content is longer or shorter than the manifest records.
+
+    The manifest records size and digest apart; when the size is what differs, a message naming
+    two digests (equal ones, if the recorded size alone is wrong) would hide it.
+    """
+
+    def __init__(self, path: str, expected_size: int, actual_size: int) -> None:
+        CkptkitError.__init__(
+            self, f"{path}: size mismatch: expected {expected_size} bytes, got {actual_size}"
+        )
+        self.path = path
+        self.expected = f"{expected_size} bytes"
+        self.actual = f"{actual_size} bytes"
+        self.byte_range = (0, expected_size)
+        self.expected_size = expected_size
+        self.actual_size = actual_size
 
 
 class VerificationError(CkptkitError):

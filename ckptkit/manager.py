@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -10,12 +11,14 @@ from ckptkit.api import DEFAULT_MAX_SHARD_SIZE, load_from, save_to
 from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints
 from ckptkit.commit import delete_checkpoint, step_dir_name
 from ckptkit.distributed import DEFAULT_TIMEOUT_S, world
-from ckptkit.errors import NotCommittedError
+from ckptkit.errors import IncompleteListingError, NotCommittedError
 from ckptkit.retention import RetentionPolicy
 from ckptkit.storage import Store, open_store
 
 if TYPE_CHECKING:
     from ckptkit.mirror import Mirror, MirrorStatus
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointManager:
@@ -32,7 +35,9 @@ class CheckpointManager:
     mirror too, and a checkpoint still uploading is deleted locally only once it is mirrored.
     ``mirror_status()`` tells what is uploaded, pending and failed; ``close()`` waits for the
     uploads and raises :class:`~ckptkit.mirror.MirrorError` if any failed. Opening a manager on a root whose
-    uploads an earlier process left unfinished finishes them in the background.
+    uploads an earlier process left unfinished finishes them in the background, and deletes at
+    the mirror what retention deleted here if that process died before it could
+    (:func:`~ckptkit.mirror.stale_at_target`).
     """
 
     def __init__(
@@ -70,7 +75,7 @@ class CheckpointManager:
                 self.root, mirror, source_options=storage_options,
                 isolated=False if isinstance(root_url, Store) else None, **(mirror_options or {}),
             )
-            self.mirror.catch_up()
+            self.mirror.catch_up(self.retention)
 
     def save(
         self,
@@ -115,7 +120,14 @@ class CheckpointManager:
         if not self.retention.has_rules:
             return
         uploading = self.mirror.pending() if self.mirror is not None else set()
-        for info in self.retention.select_expired(self.list()):
+        try:
+            committed = self.list()
+        except IncompleteListingError as exc:
+            # The new checkpoint is committed; what could not be seen would count as gone, so
+            # nothing is deleted until the root lists completely again.
+            log.warning("retention skipped: %s", exc)
+            return
+        for info in self.retention.select_expired(committed):
             if info.name in uploading:
                 continue  # deleted by a later pass, once the mirror has it
             delete_checkpoint(self.root, info.name)

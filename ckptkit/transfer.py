@@ -22,7 +22,11 @@ from ckptkit.errors import (
     BackendMissingError,
     ChecksumMismatchError,
     CkptkitError,
+    IncompleteListingError,
     NotFoundError,
+    NotRegularFileError,
+    PermanentStorageError,
+    SizeMismatchError,
     StorageError,
 )
 from ckptkit.hashing import IncrementalDigest, digest_object, hashing_pool
@@ -64,10 +68,17 @@ class RetryPolicy:
 def is_transient(exc: BaseException) -> bool:
     """Worth another try: a failing backend or a digest mismatch (a body cut short in transit).
 
-    Missing objects, denied access, a missing backend and create-only conflicts are answers,
-    not accidents, and retrying them only delays the error.
+    Missing objects (a missing bucket included), denied access, a full or read-only disk, a
+    special file where data should be, a listing that met an unreadable directory, a missing
+    backend and create-only conflicts are answers,
+    not accidents, and retrying them only delays the error. An invalid key is a usage error,
+    never retried either.
     """
-    if isinstance(exc, (NotFoundError, AccessDeniedError, AlreadyExistsError, BackendMissingError)):
+    permanent = (
+        NotFoundError, AccessDeniedError, AlreadyExistsError, BackendMissingError,
+        PermanentStorageError, NotRegularFileError, IncompleteListingError,
+    )
+    if isinstance(exc, permanent):
         return False
     return isinstance(exc, (StorageError, ChecksumMismatchError))
 
@@ -88,7 +99,7 @@ def with_retries(
                 raise
             if attempt + 1 == policy.attempts:
                 if isinstance(exc, ChecksumMismatchError):
-                    raise ChecksumMismatchError(exc.path, exc.expected, exc.actual, exc.byte_range) from exc
+                    raise  # a finding about the file, exit 1, not a failing backend
                 raise RetriesExhaustedError(
                     f"{what}: failed {policy.attempts} time(s), giving up; last error: {exc}"
                 ) from exc
@@ -123,12 +134,11 @@ def copy_object(
                 yield block
         if expected is not None:
             got = hasher.result()
-            if got.size != expected.size or got.digest != expected.digest:
+            if got.size != expected.size:
+                raise SizeMismatchError(f"{src.url}/{src_key}", expected.size, got.size)
+            if got.digest != expected.digest:
                 raise ChecksumMismatchError(
-                    f"{src.url}/{src_key}",
-                    expected.digest,
-                    f"{got.digest} ({got.size} bytes read)",
-                    (0, expected.size),
+                    f"{src.url}/{src_key}", expected.digest, got.digest, (0, expected.size)
                 )
 
     metadata = {DIGEST_METADATA_KEY: expected.digest} if expected is not None else None

@@ -150,10 +150,12 @@ def test_cli_table(torch_file: Path, tmp_path: Path) -> None:
     assert res.exit_code != EXIT_OK and "already committed" in res.output
 
 
-def test_malicious_global_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("payload", ["torch_zip_payload", "torch_zip_mark_flood", "torch_legacy_mark_flood"])
+def test_malicious_global_refused(tmp_path: Path, payload: str) -> None:
+    """Also a payload behind one of the interpreter's limits (300 MARKs first): unsafe, not broken."""
     evil = tmp_path / "evil.pt"
     sentinel = tmp_path / "ran"
-    PAYLOADS["torch_zip_payload"].build(evil, sentinel, None)
+    PAYLOADS[payload].build(evil, sentinel, None)
     res = _run("convert", str(evil), str(tmp_path / "out.safetensors"), "--to", "safetensors")
     assert res.exit_code == EXIT_UNSAFE
     assert "posix.system" in res.output

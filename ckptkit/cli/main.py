@@ -14,7 +14,7 @@ from ckptkit.cli.inspect_cmd import inspect_command
 from ckptkit.cli.render import emit_json, format_bytes, table
 from ckptkit.cli.safety_cmds import doctor_command, scan_command
 from ckptkit.cli.sync_cmd import sync_command
-from ckptkit.errors import EXIT_FINDINGS, EXIT_OK
+from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_STORAGE
 
 if TYPE_CHECKING:
     from ckptkit.ops.verify import VerifyReport
@@ -78,7 +78,12 @@ def ls_command(ctx: click.Context, root: str, read_manifests: bool, as_json: boo
     from ckptkit.commit import is_ckptkit_debris_dir
 
     store = _store(ctx, root)
-    checkpoints = list_checkpoints(store, read_manifests=read_manifests)
+    unreadable: list[tuple[str, str]] = []
+    checkpoints = list_checkpoints(store, read_manifests=read_manifests, unreadable=unreadable)
+    # What could be read is shown; what could not is named, and the exit code says it.
+    for path, reason in unreadable:
+        click.echo(f"ckptkit: error: could not list {path}: {reason}", err=True)
+    exit_code = EXIT_STORAGE if unreadable else EXIT_OK
     if as_json:
         emit_json([
             {"name": c.name, "url": c.url, "step": c.step, "status": c.status, "files": c.files,
@@ -87,10 +92,10 @@ def ls_command(ctx: click.Context, root: str, read_manifests: bool, as_json: boo
              "checkpoint_id": c.manifest.checkpoint_id if c.manifest else None}
             for c in checkpoints
         ])
-        return EXIT_OK
+        return exit_code
     leftovers = [name for name in store.list_dirs("") if is_ckptkit_debris_dir(name)]
     if not checkpoints:
-        click.echo(f"no checkpoints under {root}")
+        click.echo(f"no {'readable ' if unreadable else ''}checkpoints under {root}")
     if leftovers:
         click.echo(
             f"note: {len(leftovers)} leftover staging or trash director(ies) of interrupted saves; "
@@ -98,14 +103,14 @@ def ls_command(ctx: click.Context, root: str, read_manifests: bool, as_json: boo
             err=True,
         )
     if not checkpoints:
-        return EXIT_OK
+        return exit_code
     rows = [
         [c.name, "-" if c.step is None else c.step, c.status, c.manifest.layout if c.manifest else "-",
          c.files, format_bytes(c.size), c.created or "-"]
         for c in checkpoints
     ]
     click.echo(table(rows, ["checkpoint", "step", "status", "layout", "files", "size", "created"]))
-    return EXIT_OK
+    return exit_code
 
 
 @cli.command("verify")
@@ -196,7 +201,8 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
     report = collect_garbage(_store(ctx, root), grace_seconds=_parse_duration(grace), dry_run=dry_run)
     if as_json:
         emit_json({"url": report.url, "dry_run": dry_run, "removed": report.removed,
-                   "kept_young": report.kept_young, "bytes_removed": report.bytes_removed})
+                   "kept_young": report.kept_young, "skipped": report.skipped,
+                   "bytes_removed": report.bytes_removed})
         return EXIT_OK
     verb = "would remove" if dry_run else "removed"
     rows = [
@@ -208,6 +214,10 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
     click.echo(f"{verb} {len(report.removed)} item(s), {format_bytes(report.bytes_removed)}")
     if report.kept_young:
         click.echo(f"kept {len(report.kept_young)} item(s) younger than the grace period ({grace})")
+    if report.skipped:
+        click.echo(f"skipped {len(report.skipped)} key(s) left in place:")
+        for item in report.skipped:
+            click.echo(f"  {item.key!r}: {item.reason}")
     return EXIT_OK
 
 

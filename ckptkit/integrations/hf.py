@@ -40,7 +40,13 @@ from transformers import TrainerCallback
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints
 from ckptkit.commit import delete_checkpoint, publish_manifest
-from ckptkit.errors import AlreadyExistsError, CommitConflictError, NotFoundError, VerificationError
+from ckptkit.errors import (
+    AlreadyExistsError,
+    CommitConflictError,
+    IncompleteListingError,
+    NotFoundError,
+    VerificationError,
+)
 from ckptkit.hashing import digest_object
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.ops.index import detect_layout
@@ -202,7 +208,13 @@ def _is_number(value: object) -> bool:
 def apply_retention(root: Store, policy: RetentionPolicy, *, keep: Iterable[str] = ()) -> list[str]:
     """Delete the committed ``checkpoint-N`` under ``root`` that ``policy`` expires, except the
     names in ``keep``; return the names deleted. Other directories under ``root`` are not looked at."""
-    committed = [c for c in list_checkpoints(root) if c.committed and _is_hf_checkpoint(c)]
+    try:
+        listed = list_checkpoints(root)
+    except IncompleteListingError as exc:
+        # What could not be seen would count as gone: delete nothing until the root lists whole.
+        logger.warning("retention skipped: %s", exc)
+        return []
+    committed = [c for c in listed if c.committed and _is_hf_checkpoint(c)]
     protected = set(keep)
     deleted = []
     for info in policy.select_expired(committed):
@@ -270,7 +282,8 @@ class CkptkitCallback(TrainerCallback):
             from ckptkit.mirror import Mirror
 
             self.mirror = Mirror(open_store(args.output_dir), self.mirror_url, **self.mirror_options)
-            self.mirror.catch_up()  # what an earlier, killed run left half-uploaded
+            # What an earlier, killed run left half-uploaded, and the deletions it never made there.
+            self.mirror.catch_up(self.retention)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

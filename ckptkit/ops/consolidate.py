@@ -156,6 +156,8 @@ def _natural(name: str) -> list[object]:
 def _resolve_tag(store: Store, tag: str | None) -> tuple[str, list[str]]:
     """The tag directory (key prefix) and its file names: explicit tag, else ``latest``, else SRC itself."""
     names = [o.key for o in store.list("")]
+    if not names:
+        raise NotFoundError(f"{store.url}: no such file or directory, or it is empty")
     if tag is None:
         if any(MODEL_STATES.search(n) for n in names if "/" not in n):
             return "", [n for n in names if "/" not in n]

@@ -47,7 +47,8 @@ from ckptkit.formats.safetensors_writer import (
 from ckptkit.formats.torch_writer import torch_zip_chunks
 from ckptkit.ops.convert_source import Source, SourceTensor, native_source, open_source, read_directory
 from ckptkit.ops.tensor_io import FLOATS, cast_chunks, out_dtype, parse_size, prefetched, sha256_of
-from ckptkit.storage import Store, open_store
+from ckptkit.storage import Store, open_store, split_url
+from ckptkit.storage.local import follow_named_path
 
 TARGETS = ("safetensors", "torch", "dcp", "native")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
@@ -136,7 +137,10 @@ def convert(
     if to not in TARGETS:
         raise InvalidURLError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     target = dtype_name(dtype)
-    src_parent, src_name = split_parent(src)
+    src_text = os.fspath(src)
+    src_parent, src_name = split_parent(
+        follow_named_path(src_text) if split_url(src_text)[0] is None else src_text
+    )
     source = open_source(open_store(src_parent, **storage_options), src_name)
     plan = _plan(source, target)
     parent, name = split_parent(dst)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ckptkit.errors import FormatError, NotCommittedError, UnsafeContentError
+from ckptkit.errors import FormatError, NotCommittedError, NotFoundError, UnsafeContentError
 from ckptkit.formats.dcp import METADATA, DcpEntry, read_dcp
 from ckptkit.formats.hf_index import read_hf_index
 from ckptkit.formats.safetensors import read_safetensors_header
@@ -30,6 +30,7 @@ from ckptkit.formats.sniff import detect
 from ckptkit.formats.torchfile import read_torch_file
 from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.ops.inspect.values import as_tensor
+from ckptkit.ops.scan import UNSAFE_CLASSES
 from ckptkit.ops.tensor_io import Piece, itemsize_of, read_pieces
 from ckptkit.pickle import PickleFormatError, TensorRef
 from ckptkit.storage import Store
@@ -105,9 +106,10 @@ def read_directory(store: Store) -> Source:
         prefixes = {posixpath.dirname(f.path) for f in manifest.files}
         if len(prefixes) == 1 and "" not in prefixes:  # object stores keep data below ckptkit-<id>/
             files = store.child(prefixes.pop())
-    names = [info.key for info in files.list("") if "/" not in info.key]
-    if not names:
-        raise FormatError(f"{store.url}: no such file or checkpoint directory, or it is empty")
+    keys = [info.key for info in files.list("")]
+    if not keys:  # an object store cannot tell a missing prefix from an empty one
+        raise NotFoundError(f"{store.url}: no such file or checkpoint directory, or it is empty")
+    names = [key for key in keys if "/" not in key]
     if METADATA in names:
         return _dcp(files)
     if "tree.json" in names:
@@ -207,16 +209,22 @@ def _torch_value(store: Store, key: str) -> Any:
     try:
         torch_file = read_torch_file(store, key)
     except PickleFormatError as exc:
+        # A payload before the break, or behind one of the interpreter's limits, is still a
+        # payload: torch.load would run it. Refused as unsafe, not merely as broken.
+        _refuse(key, {g.ref.qualname for g in exc.globals if g.classification in UNSAFE_CLASSES})
         raise FormatError(f"{key}: the pickle is broken: {exc}") from None
-    unsafe = unvetted_globals(torch_file)
+    _refuse(key, unvetted_globals(torch_file))
+    if torch_file.problems:
+        raise FormatError(f"{key}: the file is inconsistent: " + "; ".join(torch_file.problems[:5]))
+    return torch_file.value
+
+
+def _refuse(key: str, unsafe: set[str]) -> None:
     if unsafe:
         raise UnsafeContentError(
             f"{key}: refused: loading it the usual way would import and call "
             f"{', '.join(sorted(unsafe))}, which ckptkit has not vetted; nothing was run or written"
         )
-    if torch_file.problems:
-        raise FormatError(f"{key}: the file is inconsistent: " + "; ".join(torch_file.problems[:5]))
-    return torch_file.value
 
 
 def _torch_state(source: Source, store: Store, key: str, value: Any) -> None:

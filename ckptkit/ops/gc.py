@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from ckptkit.catalog import read_manifest
 from ckptkit.commit import ATTEMPT_RE, STAGING_MARKER, is_ckptkit_debris_dir
-from ckptkit.errors import ManifestError, NotCommittedError
+from ckptkit.errors import InvalidURLError, ManifestError, NotCommittedError, NotFoundError
 from ckptkit.manifest import MANIFEST_NAME
-from ckptkit.storage.base import ObjectInfo, Store
+from ckptkit.storage.base import ObjectInfo, Store, normalize_key
 from ckptkit.storage.local import TEMP_MARKER
 
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -32,12 +32,22 @@ class Debris:
     age_seconds: float
 
 
+@dataclass(frozen=True)
+class SkippedKey:
+    """An object key no store path can name (``a//b``, ``./x``, ``../x``, ``dir/``): some other
+    tool wrote it, and ckptkit can neither read nor delete it by name, so gc leaves it."""
+
+    key: str
+    reason: str
+
+
 @dataclass
 class GcReport:
     url: str
     dry_run: bool
     removed: list[Debris] = field(default_factory=list)
     kept_young: list[Debris] = field(default_factory=list)
+    skipped: list[SkippedKey] = field(default_factory=list)
 
     @property
     def bytes_removed(self) -> int:
@@ -57,12 +67,30 @@ def _directory_age(root: Store, name: str, now: float) -> float:
         return 0.0
 
 
-def find_debris(root: Store, *, now: float | None = None) -> list[Debris]:
-    """Everything under ``root`` that ckptkit left behind and no committed checkpoint uses."""
+def _nameable(key: str) -> bool:
+    try:
+        normalize_key(key)
+    except InvalidURLError:
+        return False
+    return True
+
+
+def find_debris(
+    root: Store, *, now: float | None = None, skipped: list[SkippedKey] | None = None
+) -> list[Debris]:
+    """Everything under ``root`` that ckptkit left behind and no committed checkpoint uses.
+
+    Keys no store path can name are left alone, and so is any debris that holds one (deleting
+    it would fail on that key midway); ``skipped`` receives each such key with the reason.
+    """
     now = time.time() if now is None else now
     by_top: dict[str, list[ObjectInfo]] = defaultdict(list)
+    odd: list[str] = []
     for info in root.list(""):
-        by_top[info.key.split("/", 1)[0]].append(info)
+        if _nameable(info.key):
+            by_top[info.key.split("/", 1)[0]].append(info)
+        else:
+            odd.append(info.key)
 
     # A save killed right after creating its staging directory leaves it empty; object
     # listings do not show empty directories, so look at the root's directories too.
@@ -82,7 +110,16 @@ def find_debris(root: Store, *, now: float | None = None) -> list[Debris]:
         temps = [o for o in objects if o.key.rsplit("/", 1)[-1].startswith(TEMP_MARKER)]
         found.extend(_debris(o.key, "temporary file of an interrupted write", [o], now) for o in temps)
         found.extend(_orphan_attempts(root, top, objects, now))
-    return found
+    return _without_odd_keys(found, odd, skipped if skipped is not None else [])
+
+
+def _without_odd_keys(found: list[Debris], odd: list[str], skipped: list[SkippedKey]) -> list[Debris]:
+    holding = {key: next((d.prefix for d in found if key.startswith(d.prefix + "/")), None) for key in odd}
+    for key, prefix in holding.items():
+        where = f"; {prefix} holds it and is left in place too" if prefix else ""
+        skipped.append(SkippedKey(key, f"no store path can name this key (empty, '.' or '..' part){where}"))
+    blocked = set(holding.values())
+    return [d for d in found if d.prefix not in blocked]
 
 
 def _orphan_attempts(root: Store, top: str, objects: list[ObjectInfo], now: float) -> list[Debris]:
@@ -111,8 +148,11 @@ def collect_garbage(
     root: Store, *, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False
 ) -> GcReport:
     """Remove debris older than ``grace_seconds`` (or only report it, with ``dry_run``)."""
+    local = root.local_path("")
+    if local is not None and not local.is_dir():
+        raise NotFoundError(f"{root.url}: no such directory")
     report = GcReport(root.url, dry_run)
-    for item in find_debris(root):
+    for item in find_debris(root, skipped=report.skipped):
         if item.age_seconds < grace_seconds:
             report.kept_young.append(item)
             continue

@@ -126,7 +126,7 @@ def build_index_manifest(
     (``index`` publishes it in place; ``sync --index`` commits it at the destination only)."""
     objects = [info for info in checkpoint.list("") if _indexable(info)]
     if not objects:
-        raise NotFoundError(f"{checkpoint.url}: no files to index")
+        raise NotFoundError(f"{checkpoint.url}: no such directory, or no files to index")
     for info in objects:
         validate_path(info.key)
         if ATTEMPT_RE.match(info.key.split("/")[0]) and not allow_attempt_data:

@@ -28,6 +28,7 @@ from ckptkit.formats.torchfile import MAX_PICKLE_BYTES, read_torch_file
 from ckptkit.pickle import PickleFormatError, load_symbolic
 from ckptkit.pickle.values import GlobalUse
 from ckptkit.storage import Store, open_store, split_url
+from ckptkit.storage.local import follow_named_path
 
 PROBE_BYTES = 1 << 20  # how much of a non-pickle file is probed as pickle.load would read it
 MAX_MEMBER_BYTES = 256 << 20  # archive members read whole to look for pickles
@@ -68,7 +69,7 @@ def open_target(path: str | os.PathLike[str] | Store, **storage_options: Any) ->
     text = os.fspath(path)
     scheme, rest = split_url(text)
     if scheme in (None, "file", "local"):
-        local = Path(rest).expanduser()
+        local = Path(follow_named_path(rest))
         if local.is_file():
             return Target(open_store(str(local.parent), **storage_options), [local.name], True)
         if not local.is_dir():

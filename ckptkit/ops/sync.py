@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest, step_from_name
@@ -32,6 +33,7 @@ from ckptkit.errors import (
     EXIT_FINDINGS,
     EXIT_OK,
     EXIT_STORAGE,
+    AccessDeniedError,
     CkptkitError,
     CommitConflictError,
     InvalidURLError,
@@ -42,7 +44,7 @@ from ckptkit.errors import (
 )
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
 from ckptkit.ops.index import build_index_manifest, resolve_deepspeed_latest
-from ckptkit.storage import Store, open_store
+from ckptkit.storage import Store, open_store, split_url
 from ckptkit.storage.base import join_key
 from ckptkit.transfer import RetryPolicy, already_copied, copy_object, with_retries
 
@@ -250,9 +252,20 @@ def resolve_target(
 ) -> SyncTarget:
     """SRC is a root of checkpoints or one checkpoint; DST is then a root or that checkpoint's
     destination (``DST/`` with a trailing slash: a root to put it in, under the same name)."""
-    src_store = open_store(src, **(src_options or {}))
+    target = _target(src, dst, src_options or {}, dst_options or {})
+    _refuse_overlap(target, src_options or {}, dst_options or {})
+    return target
+
+
+def _target(
+    src: str | os.PathLike[str] | Store,
+    dst: str | os.PathLike[str] | Store,
+    src_options: dict[str, Any],
+    dst_options: dict[str, Any],
+) -> SyncTarget:
+    src_store = open_store(src, **src_options)
     if isinstance(src, Store) or not _is_single_checkpoint(src_store):
-        return SyncTarget(src_store, open_store(dst, **(dst_options or {})), None)
+        return SyncTarget(src_store, open_store(dst, **dst_options), None)
     if isinstance(dst, Store):
         raise InvalidURLError("to sync one checkpoint, give the destination as a URL or path")
     src_parent, src_name = _split(os.fspath(src))
@@ -262,10 +275,60 @@ def resolve_target(
     else:
         dst_parent, dst_name = _split(dst_text)
     return SyncTarget(
-        open_store(src_parent, **(src_options or {})),
-        open_store(dst_parent, **(dst_options or {})),
-        (src_name, dst_name),
+        open_store(src_parent, **src_options), open_store(dst_parent, **dst_options), (src_name, dst_name)
     )
+
+
+def _refuse_overlap(target: SyncTarget, src_options: dict[str, Any], dst_options: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a destination that would change what is being read
+    (inside the source, or holding it) or that lies inside a committed checkpoint, whose
+    manifest would not list what sync puts there."""
+    src, dst = target.src_root, target.dst_root
+    if target.single is not None:
+        src, dst = src.child(target.single[0]), dst.child(target.single[1])
+    (src_kind, src_parts), (dst_kind, dst_parts) = _location(src, src_options), _location(dst, dst_options)
+    if src_kind == dst_kind and (_within(dst_parts, src_parts) or _within(src_parts, dst_parts)):
+        where = "inside the source" if _within(dst_parts, src_parts) else "holding the source"
+        raise InvalidURLError(f"refusing to sync {src.url} into {dst.url}: the destination is {where}")
+    holder = _enclosing_checkpoint(target.dst_root, dst_options)
+    if holder is not None:
+        raise InvalidURLError(
+            f"refusing to sync into {target.dst_root.url}: it is inside the committed checkpoint {holder}"
+        )
+
+
+def _location(store: Store, options: dict[str, Any]) -> tuple[tuple[str, str | None], tuple[str, ...]]:
+    """Where a store's root is, comparable between stores: (scheme, endpoint) and path parts,
+    a local path resolved through its symbolic links."""
+    local = store.local_path("")
+    if local is not None:
+        return ("file", None), Path(os.path.realpath(local)).parts
+    scheme, rest = split_url(store.url)
+    scheme = "s3" if scheme == "s3a" else scheme
+    return (scheme or "file", options.get("endpoint_url")), tuple(p for p in rest.split("/") if p)
+
+
+def _within(inner: tuple[str, ...], outer: tuple[str, ...]) -> bool:
+    return inner[: len(outer)] == outer
+
+
+def _enclosing_checkpoint(root: Store, options: dict[str, Any]) -> str | None:
+    """The committed checkpoint ``root`` is (or lies inside), if any: one HEAD per level."""
+    local = root.local_path("")
+    if local is not None:
+        top, parts = open_store("/"), Path(os.path.realpath(local)).parts[1:]
+    else:
+        scheme, rest = split_url(root.url)
+        bucket, *parts = [p for p in rest.split("/") if p]
+        top = open_store(f"{scheme}://{bucket}", **options)
+    for depth in range(len(parts), -1, -1):
+        key = join_key(*parts[:depth], MANIFEST_NAME)
+        try:
+            if top.exists(key):
+                return top.child(join_key(*parts[:depth])).url if depth else top.url
+        except AccessDeniedError:
+            continue  # a policy may deny reads above the prefix it grants: no manifest seen there
+    return None
 
 
 def _describe_one(root: Store, name: str) -> CheckpointInfo | None:

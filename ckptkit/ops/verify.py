@@ -21,6 +21,7 @@ from ckptkit.hashing import chunk_ranges, hash_range
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptkit.storage import open_store, split_url
 from ckptkit.storage.base import Store
+from ckptkit.storage.local import follow_named_path
 
 Severity = Literal["error", "warning"]
 
@@ -123,10 +124,11 @@ def verify_path(
 
     scheme, rest = split_url(url)
     if scheme in (None, "file", "local"):
-        if Path(rest).expanduser().is_file():
-            parent, name = split_parent(url)
+        local = follow_named_path(rest)
+        if Path(local).is_file():
+            parent, name = split_parent(local)
             return [verify_structure(open_store(parent, **storage_options), keys=[name])]
-        return verify_tree(open_store(url, **storage_options), quick=quick, jobs=jobs)
+        return verify_tree(open_store(local, **storage_options), quick=quick, jobs=jobs)
     store = open_store(url, **storage_options)
     if "/" in rest.strip("/") and not store.exists(MANIFEST_NAME):
         parent, name = split_parent(url)
@@ -194,8 +196,12 @@ def verify_tree(store: Store, *, quick: bool = False, jobs: int | None = None) -
         return [_verify_foreign(store)]
     reports = []
     for info in checkpoints:
-        if info.committed:
-            reports.append(verify_checkpoint(store.child(info.name), quick=quick, jobs=jobs))
+        # An invalid manifest is verified on its own, so the finding says what is wrong with it.
+        if info.committed or info.status == "invalid":
+            report = verify_checkpoint(store.child(info.name), quick=quick, jobs=jobs)
+            if not info.committed:
+                report.step = info.step  # from its name: the manifest that would say did not parse
+            reports.append(report)
         else:
             report = VerifyReport(url=info.url, status="not-committed", step=info.step, quick=quick)
             report.findings.append(

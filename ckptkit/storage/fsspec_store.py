@@ -14,10 +14,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
 from ckptkit.errors import (
+    PERMANENT_ERRNOS,
     AccessDeniedError,
     AlreadyExistsError,
     CkptkitError,
     NotFoundError,
+    PermanentStorageError,
     StorageError,
 )
 from ckptkit.storage.base import (
@@ -36,6 +38,24 @@ from ckptkit.storage.s3_multipart import upload_stream
 _CONDITIONAL_CREATE = {"s3", "s3a", "memory"}
 _MEMORY_CREATE_LOCK = threading.Lock()
 _STREAM_BLOCK = 16 << 20
+
+
+# Connection failures by class name: aiohttp, botocore and the builtins share no base class.
+_CONNECTION_ERRORS = {
+    "ConnectionError", "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+    "EndpointConnectionError", "ConnectTimeoutError", "ServerTimeoutError",
+}
+
+
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The connection error behind ``exc``, if any. fsspec's http ``info`` turns every failure,
+    a refused connection included, into FileNotFoundError: "not found" would be a wrong answer."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(cls.__name__ in _CONNECTION_ERRORS for cls in type(seen).__mro__):
+            return seen
+        seen = seen.__cause__  # only a deliberate "raise ... from": a context may be a retry's past
+    return None
 
 
 def _credentials_hint(exc: BaseException) -> str | None:
@@ -76,22 +96,45 @@ def translate_backend_errors(what: str) -> Iterator[None]:
         yield
     except (CkptkitError, ProducerError):
         raise
-    except FileNotFoundError as exc:
-        raise NotFoundError(f"{what}: not found ({_reason(exc)})") from exc
-    except FileExistsError as exc:
-        raise AlreadyExistsError(f"{what}: already exists") from exc
-    except PermissionError as exc:
-        raise AccessDeniedError(f"{what}: access denied ({_reason(exc)})") from exc
     except Exception as exc:  # botocore, aiohttp and friends have no common base class
-        hint = _credentials_hint(exc)
-        if hint:
-            raise AccessDeniedError(f"{what}: {hint}") from exc
-        raise StorageError(f"{what}: {type(exc).__name__}: {_reason(exc)}") from exc
+        raise _translated(what, exc) from exc
+
+
+def _translated(what: str, exc: Exception) -> CkptkitError:
+    failure = _connection_failure(exc)
+    if failure is not None:
+        return StorageError(f"{what}: cannot connect: {_reason(failure)}")
+    if isinstance(exc, FileNotFoundError):
+        return NotFoundError(f"{what}: not found ({_reason(exc)})")
+    if isinstance(exc, FileExistsError):
+        return AlreadyExistsError(f"{what}: already exists")
+    if isinstance(exc, PermissionError):
+        return AccessDeniedError(f"{what}: access denied ({_reason(exc)})")
+    hint = _credentials_hint(exc)
+    if hint:
+        return AccessDeniedError(f"{what}: {hint}")
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        return PermanentStorageError(f"{what}: {_reason(exc)}")
+    return StorageError(f"{what}: {type(exc).__name__}: {_reason(exc)}")
 
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _find_options(fs: Any) -> dict[str, Any]:
+    """fsspec's generic ``find`` walks directory by directory and drops any it cannot list (a
+    refused connection lists as empty); told to raise, it fails instead. Filesystems with a find
+    of their own (s3fs lists flat, memory scans its dict) take no such option."""
+    from fsspec.asyn import AsyncFileSystem
+    from fsspec.spec import AbstractFileSystem
+
+    cls = type(fs)
+    generic = cls._find is AsyncFileSystem._find if issubclass(cls, AsyncFileSystem) else (
+        cls.find is AbstractFileSystem.find
+    )
+    return {"on_error": "raise"} if generic else {}
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -119,7 +162,11 @@ class FsspecStore(Store):
 
     @property
     def url(self) -> str:
-        return f"{self.protocol}://{self.root}"
+        return self._url(self.root)
+
+    def _url(self, path: str) -> str:
+        # fsspec's http(s) paths are whole URLs already; every other protocol's drop the scheme.
+        return path if "://" in path else f"{self.protocol}://{path}"
 
     def child(self, prefix: str) -> FsspecStore:
         return FsspecStore(self.fs, self.protocol, self._path(prefix))
@@ -164,7 +211,7 @@ class FsspecStore(Store):
         with translate_backend_errors(self._describe(prefix)):
             self.fs.invalidate_cache()
             try:
-                found = self.fs.find(path, detail=True, withdirs=False)
+                found = self.fs.find(path, detail=True, withdirs=False, **_find_options(self.fs))
             except FileNotFoundError:
                 self._check_bucket()
                 return
@@ -280,4 +327,4 @@ class FsspecStore(Store):
             raise NotFoundError(f"{self.protocol}://{bucket}: bucket does not exist")
 
     def _describe(self, key: str) -> str:
-        return f"{self.protocol}://{self._path(key)}"
+        return self._url(self._path(key))

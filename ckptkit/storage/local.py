@@ -3,6 +3,13 @@
 Every ``put`` writes a hidden temporary sibling, fsyncs it, then publishes it with ``rename``
 (overwrite) or ``link`` (create-only, which fails atomically if the name exists), and fsyncs the
 directory. Readers therefore see the old object or the whole new one, never a torn write.
+
+Only regular files and real directories below the root are objects. A symbolic link is never
+followed (it could lead out of the checkpoint: ``notes.txt -> ../../secret``), a FIFO, socket or
+device is never opened (a FIFO blocks forever, ``/dev/zero`` never ends): reading one raises
+:class:`NotRegularFileError`, and a listing that meets one, or a directory it cannot read, raises
+:class:`IncompleteListingError` after yielding everything it could see. The root itself may be a
+link: the user named it.
 """
 
 from __future__ import annotations
@@ -11,15 +18,20 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 from ckptkit.errors import (
+    PERMANENT_ERRNOS,
     AccessDeniedError,
     AlreadyExistsError,
+    IncompleteListingError,
     NotFoundError,
+    NotRegularFileError,
+    PermanentStorageError,
     StorageError,
 )
 from ckptkit.storage.base import (
@@ -49,13 +61,49 @@ def translate_os_errors(what: str) -> Iterator[None]:
     except PermissionError as exc:
         raise AccessDeniedError(f"{what}: permission denied") from exc
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise StorageError(f"{what}: no space left on device") from exc
+        if exc.errno in PERMANENT_ERRNOS:  # a full or read-only disk: retrying cannot help
+            raise PermanentStorageError(f"{what}: {(exc.strerror or str(exc)).lower()}") from exc
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise AlreadyExistsError(f"{what}: already exists") from exc
         if exc.errno == errno.ENOTDIR:
             raise NotFoundError(f"{what}: a path component is not a directory") from exc
         raise StorageError(f"{what}: {exc.strerror or exc}") from exc
+
+
+_SPECIAL_KINDS = {
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def special_kind(mode: int) -> str | None:
+    """What a non-regular, non-directory ``st_mode`` is ("symbolic link", "FIFO", ...), or None."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return _SPECIAL_KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def _reason(exc: OSError) -> str:
+    return "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+
+
+def follow_named_path(path: str) -> str:
+    """A local path as the user named it, followed if it is itself a link (as ``cat`` would:
+    the user chose it), and refused if it names a FIFO, socket or device. Links met *below* a
+    store's root are never followed; this is only for the one path typed on a command line."""
+    expanded = os.path.expanduser(path)
+    target = os.path.realpath(expanded) if os.path.islink(expanded) else expanded
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return target  # missing or unreadable: the caller's own open says which
+    kind = special_kind(mode)
+    if kind is not None:
+        raise NotRegularFileError(path, kind)
+    return target
 
 
 def fsync_dir(path: Path) -> None:
@@ -89,11 +137,54 @@ class LocalStore(Store):
     def local_path(self, key: str) -> Path:
         return self._path(key)
 
+    def _checked_path(self, key: str) -> Path:
+        """The path of ``key``, refusing one whose directories below the root include a link:
+        ``a/b`` with ``a -> /elsewhere`` would read or write outside the store."""
+        path = self._path(key)
+        directory = self.root
+        for part in normalize_key(key).split("/")[:-1] if key else ():
+            directory = directory / part
+            try:
+                mode = os.lstat(directory).st_mode
+            except FileNotFoundError:
+                break  # the operation itself reports what is missing
+            if stat.S_ISLNK(mode):
+                raise NotRegularFileError(str(directory), "symbolic link")
+        return path
+
+    def _open_regular(self, key: str) -> int:
+        """A file descriptor of ``key``, opened only if it is a regular file.
+
+        O_NOFOLLOW refuses a link at the last component and O_NONBLOCK keeps a FIFO's open from
+        blocking; fstat then checks what was actually opened, so nothing swapped in between the
+        check and the open is read.
+        """
+        path = self._checked_path(key)
+        with translate_os_errors(str(path)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise NotRegularFileError(str(path), "symbolic link") from exc
+                raise
+            try:
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISDIR(mode):
+                    raise NotFoundError(f"{path}: is a directory, not an object")
+                kind = special_kind(mode)
+                if kind is not None:
+                    raise NotRegularFileError(str(path), kind)
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
     # --- reads ---------------------------------------------------------------------------
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         path = self._path(key)
-        with translate_os_errors(str(path)), open(path, "rb") as f:
+        with open(self._open_regular(key), "rb") as f, translate_os_errors(str(path)):
             if start:
                 f.seek(start)
             if end is None:
@@ -101,39 +192,72 @@ class LocalStore(Store):
             return f.read(max(0, end - (start or 0)))
 
     def open_read(self, key: str) -> BinaryIO:
-        path = self._path(key)
-        with translate_os_errors(str(path)):
-            if path.is_dir():
-                raise NotFoundError(f"{path}: is a directory, not an object")
-            return open(path, "rb")
+        return open(self._open_regular(key), "rb")
 
     def head(self, key: str) -> ObjectInfo:
-        path = self._path(key)
+        path = self._checked_path(key)
         with translate_os_errors(str(path)):
-            st = path.stat()
-        if not path.is_file():
+            st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
             raise NotFoundError(f"{path}: is a directory, not an object")
+        kind = special_kind(st.st_mode)
+        if kind is not None:
+            raise NotRegularFileError(str(path), kind)
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        top = self._path(prefix)
-        if not top.is_dir():
-            return
-        for dirpath, _dirnames, filenames in os.walk(top):
-            for name in filenames:
-                path = Path(dirpath, name)
+        top = self._checked_path(prefix)
+        problems: list[tuple[str, str]] = []
+        if prefix:
+            try:
+                kind = special_kind(os.lstat(top).st_mode)
+            except OSError:
+                kind = None  # missing: an empty listing; unreadable: the walk reports it
+            if kind is not None:
+                problems.append((str(top), f"{kind}, not followed"))
+        if not problems:
+            yield from self._walk(top, problems)
+        if problems:
+            raise IncompleteListingError(str(top), problems)
+
+    def _walk(self, top: Path, problems: list[tuple[str, str]]) -> Iterator[ObjectInfo]:
+        # An explicit stack rather than recursion: a hostile tree may nest thousands deep.
+        pending = [str(top)]
+        while pending:
+            directory = pending.pop()
+            try:
+                with os.scandir(directory) as entries:
+                    found = list(entries)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed while we walked, or the prefix names a file: nothing below
+            except OSError as exc:
+                problems.append((directory, _reason(exc)))
+                continue
+            for entry in found:
                 try:
-                    st = path.stat()
-                except FileNotFoundError:  # removed while we walked
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
                     continue
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), st.st_size, st.st_mtime)
+                except OSError as exc:
+                    problems.append((entry.path, _reason(exc)))
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    key = Path(entry.path).relative_to(self.root).as_posix()
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+                else:
+                    kind = special_kind(st.st_mode)
+                    not_read = "not followed" if kind == "symbolic link" else "not read"
+                    problems.append((entry.path, f"{kind}, {not_read}"))
 
     def list_dirs(self, prefix: str = "") -> list[str]:
-        top = self._path(prefix)
-        try:
-            return sorted(e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        top = self._checked_path(prefix)
+        with translate_os_errors(str(top)):
+            try:
+                return sorted(e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
 
     # --- writes --------------------------------------------------------------------------
 
@@ -145,7 +269,7 @@ class LocalStore(Store):
         *,
         metadata: Mapping[str, str] | None = None,  # a filesystem keeps no user metadata
     ) -> ObjectInfo:
-        path = self._path(key)
+        path = self._checked_path(key)
         with translate_os_errors(str(path)):
             path.parent.mkdir(parents=True, exist_ok=True)
             if mode == "create" and path.exists():
@@ -205,7 +329,7 @@ class LocalStore(Store):
             self._prune_empty_parents(path.parent)
 
     def copy(self, src: str, dst: str) -> None:
-        with translate_os_errors(str(self._path(src))), open(self._path(src), "rb") as f:
+        with self.open_read(src) as f, translate_os_errors(str(self._path(src))):
             self.put(dst, iter(lambda: f.read(8 << 20), b""))
 
     def rename_prefix(self, src: str, dst: str) -> None:

@@ -17,8 +17,9 @@ from ckptkit.errors import FormatError, InvalidURLError, NotFoundError
 from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.sniff import detect
 from ckptkit.manifest import MANIFEST_NAME
-from ckptkit.storage import Store, open_store
+from ckptkit.storage import Store, open_store, split_url
 from ckptkit.storage.base import ObjectInfo
+from ckptkit.storage.local import follow_named_path
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 TRAINER_STATE = "trainer_state.json"
@@ -68,6 +69,8 @@ def open_target(path: str | os.PathLike[str] | Store, **storage_options: object)
     if isinstance(path, Store):
         return resolve_directory(path)
     text = os.fspath(path).rstrip("/") or "/"
+    if split_url(text)[0] is None:
+        text = follow_named_path(text)
     try:
         parent_url, name = split_parent(text)
     except InvalidURLError:  # s3://bucket: a directory with no parent
