@@ -119,6 +119,7 @@ class LocalStore(Store):
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
+        self._root = str(self.root).rstrip("/")  # "" for the filesystem root: paths are f"{_root}/{key}"
         self.fsync = fsync
         self.capabilities = StoreCapabilities(
             atomic_rename=True, conditional_create=True, durable_writes=fsync
@@ -137,72 +138,81 @@ class LocalStore(Store):
     def local_path(self, key: str) -> Path:
         return self._path(key)
 
-    def _checked_path(self, key: str) -> Path:
+    def _checked_path(self, key: str) -> str:
         """The path of ``key``, refusing one whose directories below the root include a link:
         ``a/b`` with ``a -> /elsewhere`` would read or write outside the store."""
-        path = self._path(key)
-        directory = self.root
-        for part in normalize_key(key).split("/")[:-1] if key else ():
-            directory = directory / part
+        if not key:
+            return self._root or "/"
+        parts = normalize_key(key).split("/")
+        directory = self._root
+        for part in parts[:-1]:
+            directory = f"{directory}/{part}"
             try:
                 mode = os.lstat(directory).st_mode
             except FileNotFoundError:
                 break  # the operation itself reports what is missing
             if stat.S_ISLNK(mode):
-                raise NotRegularFileError(str(directory), "symbolic link")
-        return path
+                raise NotRegularFileError(directory, "symbolic link")
+        return f"{self._root}/{key}"
 
-    def _open_regular(self, key: str) -> int:
-        """A file descriptor of ``key``, opened only if it is a regular file.
+    def _open_regular(self, key: str) -> tuple[int, str, int]:
+        """``(fd, path, size)`` of ``key``, opened only if it is a regular file.
 
         O_NOFOLLOW refuses a link at the last component and O_NONBLOCK keeps a FIFO's open from
-        blocking; fstat then checks what was actually opened, so nothing swapped in between the
-        check and the open is read.
+        blocking (it changes nothing for a regular file); fstat then checks what was actually
+        opened, so nothing swapped in between the check and the open is read.
         """
         path = self._checked_path(key)
-        with translate_os_errors(str(path)):
+        with translate_os_errors(path):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    raise NotRegularFileError(str(path), "symbolic link") from exc
+                    raise NotRegularFileError(path, "symbolic link") from exc
                 raise
             try:
-                mode = os.fstat(fd).st_mode
-                if stat.S_ISDIR(mode):
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
                     raise NotFoundError(f"{path}: is a directory, not an object")
-                kind = special_kind(mode)
+                kind = special_kind(st.st_mode)
                 if kind is not None:
-                    raise NotRegularFileError(str(path), kind)
-                os.set_blocking(fd, True)
+                    raise NotRegularFileError(path, kind)
             except BaseException:
                 os.close(fd)
                 raise
-        return fd
+        return fd, path, st.st_size
 
     # --- reads ---------------------------------------------------------------------------
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        path = self._path(key)
-        with open(self._open_regular(key), "rb") as f, translate_os_errors(str(path)):
-            if start:
-                f.seek(start)
-            if end is None:
-                return f.read()
-            return f.read(max(0, end - (start or 0)))
+        fd, path, size = self._open_regular(key)
+        try:
+            with translate_os_errors(path):
+                offset = start or 0
+                wanted = max(0, (size if end is None else end) - offset)
+                # pread, no file object: ranged reads are most of what inspect and verify do.
+                data = os.pread(fd, wanted, offset)
+                while len(data) < wanted:  # short: the file shrank, or over 2 GiB in one call
+                    more = os.pread(fd, wanted - len(data), offset + len(data))
+                    if not more:
+                        break
+                    data += more
+                return data
+        finally:
+            os.close(fd)
 
     def open_read(self, key: str) -> BinaryIO:
-        return open(self._open_regular(key), "rb")
+        return open(self._open_regular(key)[0], "rb")
 
     def head(self, key: str) -> ObjectInfo:
         path = self._checked_path(key)
-        with translate_os_errors(str(path)):
+        with translate_os_errors(path):
             st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
             raise NotFoundError(f"{path}: is a directory, not an object")
         kind = special_kind(st.st_mode)
         if kind is not None:
-            raise NotRegularFileError(str(path), kind)
+            raise NotRegularFileError(path, kind)
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -214,15 +224,15 @@ class LocalStore(Store):
             except OSError:
                 kind = None  # missing: an empty listing; unreadable: the walk reports it
             if kind is not None:
-                problems.append((str(top), f"{kind}, not followed"))
+                problems.append((top, f"{kind}, not followed"))
         if not problems:
             yield from self._walk(top, problems)
         if problems:
-            raise IncompleteListingError(str(top), problems)
+            raise IncompleteListingError(top, problems)
 
-    def _walk(self, top: Path, problems: list[tuple[str, str]]) -> Iterator[ObjectInfo]:
+    def _walk(self, top: str, problems: list[tuple[str, str]]) -> Iterator[ObjectInfo]:
         # An explicit stack rather than recursion: a hostile tree may nest thousands deep.
-        pending = [str(top)]
+        pending = [top]
         while pending:
             directory = pending.pop()
             try:
@@ -244,8 +254,8 @@ class LocalStore(Store):
                 if stat.S_ISDIR(st.st_mode):
                     pending.append(entry.path)
                 elif stat.S_ISREG(st.st_mode):
-                    key = Path(entry.path).relative_to(self.root).as_posix()
-                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+                    # Every path below was built from _root: the key is what follows it.
+                    yield ObjectInfo(entry.path[len(self._root) + 1 :], st.st_size, st.st_mtime)
                 else:
                     kind = special_kind(st.st_mode)
                     not_read = "not followed" if kind == "symbolic link" else "not read"
@@ -253,7 +263,7 @@ class LocalStore(Store):
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         top = self._checked_path(prefix)
-        with translate_os_errors(str(top)):
+        with translate_os_errors(top):
             try:
                 return sorted(e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
             except (FileNotFoundError, NotADirectoryError):
@@ -269,7 +279,7 @@ class LocalStore(Store):
         *,
         metadata: Mapping[str, str] | None = None,  # a filesystem keeps no user metadata
     ) -> ObjectInfo:
-        path = self._checked_path(key)
+        path = Path(self._checked_path(key))
         with translate_os_errors(str(path)):
             path.parent.mkdir(parents=True, exist_ok=True)
             if mode == "create" and path.exists():
