@@ -27,31 +27,17 @@ from ckptkit.distributed import (
     open_shared_attempt,
     world,
 )
-from ckptkit.errors import FormatError, InvalidURLError, NotCommittedError
+from ckptkit.errors import NotCommittedError
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ckptkit.storage import Store, open_store
+from ckptkit.native.files import native_files, rank_files
+from ckptkit.storage import Store, open_store, split_parent
 
 DEFAULT_MAX_SHARD_SIZE = 1 << 30
-NATIVE_TREE = "tree.json"
 
 
 def rank_dir(rank: int) -> str:
     """``rank-00001``: where one rank's tree and shards go in a per-rank native checkpoint."""
     return f"rank-{rank:05d}"
-
-
-def split_parent(url: str | os.PathLike[str]) -> tuple[str, str]:
-    """``("s3://b/run", "step-1")`` for ``s3://b/run/step-1``; the same for local paths."""
-    text = os.fspath(url).rstrip("/")
-    scheme, sep, rest = text.partition("://")
-    body = rest if sep else text
-    if "/" not in body.strip("/"):
-        if sep:
-            raise InvalidURLError(f"{text!r}: a checkpoint needs a parent (s3://bucket/name at least)")
-        # "/data" lies in the filesystem root, not in the working directory.
-        return ("/", body.lstrip("/")) if body.startswith("/") else (".", body)
-    parent, name = body.rsplit("/", 1)
-    return (f"{scheme}://{parent}" if sep else parent or "/"), name
 
 
 def save_to(
@@ -179,51 +165,6 @@ def save(
         step=step, metadata=metadata, max_shard_size=max_shard_size, jobs=jobs,
         replicated=replicated, timeout_s=timeout_s, collective=collective,
     )
-
-
-def rank_files(checkpoint: Store, manifest: Manifest) -> list[list[str]] | None:
-    """Each rank's files (by rank) of a per-rank native checkpoint; None for any other."""
-    topology = manifest.topology
-    if manifest.layout != "native" or not topology or "ranks" not in topology:
-        return None
-    ranks = topology["ranks"]
-    # Topology paths are compared without attempt prefixes: where the files sit depends on which
-    # store committed the checkpoint, not on how its writer laid it out.
-    listed = {logical_path(f.path): f.path for f in manifest.files}
-    if not (
-        isinstance(ranks, list)
-        and topology.get("world_size") == len(ranks)
-        and all(isinstance(r, dict) and r.get("rank") == i for i, r in enumerate(ranks))
-        and all(
-            isinstance(r.get("files"), list) and {logical_path(str(p)) for p in r["files"]} <= listed.keys()
-            for r in ranks
-        )
-    ):
-        raise FormatError(f"{checkpoint.url}: the manifest's topology.ranks does not match its files")
-    return [[listed[logical_path(p)] for p in r["files"]] for r in ranks]
-
-
-def native_files(checkpoint: Store, manifest: Manifest, rank: int | None = None) -> Store:
-    """The store holding a native checkpoint's ``tree.json`` and shards (``rank``'s, for a
-    per-rank checkpoint, which needs one)."""
-    per_rank = rank_files(checkpoint, manifest)
-    paths: list[str] = [f.path for f in manifest.files]
-    if per_rank is not None:
-        what = "name the rank to read" if rank is None else f"there is no rank {rank}"
-        if rank is None or not 0 <= rank < len(per_rank):
-            raise TopologyMismatchError(
-                f"{checkpoint.url}: saved by {len(per_rank)} ranks, one state per rank: "
-                f"{what} (0 to {len(per_rank) - 1})"
-            )
-        paths = per_rank[rank]
-    trees = [p for p in paths if p.rsplit("/", 1)[-1] == NATIVE_TREE]
-    if manifest.layout != "native" or len(trees) != 1:
-        raise FormatError(
-            f"{checkpoint.url}: layout '{manifest.layout}' is not a ckptkit native checkpoint; "
-            "use the format's own loader (or 'ckptkit convert')"
-        )
-    prefix = trees[0].rpartition("/")[0]
-    return checkpoint.child(prefix) if prefix else checkpoint
 
 
 def load_from(

@@ -30,6 +30,7 @@ from typing import Any
 
 from ckptkit.commit import CheckpointTransaction, FileRecorder
 from ckptkit.errors import CkptkitError
+from ckptkit.errors import TopologyMismatchError as TopologyMismatchError  # its documented home
 from ckptkit.manifest import FileEntry, Manifest, parse_manifest, validate_path
 from ckptkit.storage.base import Store
 
@@ -44,10 +45,6 @@ class DistributedCommitError(CkptkitError, RuntimeError):
     """A multi-rank save was not committed: a rank failed, died or timed out, or the commit failed."""
 
 
-class TopologyMismatchError(CkptkitError, ValueError):
-    """A per-rank checkpoint loaded by a different number of ranks than saved it."""
-
-
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group; ``(0, 1)`` when there is none."""
     import torch.distributed as dist
@@ -55,11 +52,6 @@ def world() -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
-
-
-def is_multi_rank() -> bool:
-    """True when torch.distributed is initialised with more than one rank."""
-    return world()[1] > 1
 
 
 class CommitGroup:

@@ -9,6 +9,8 @@ callers that already catch builtins keep working. Each class carries the CLI exi
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -84,6 +86,18 @@ class IncompleteListingError(StorageError):
         super().__init__(f"{url}: could not list everything: {shown}{more}")
         self.url = url
         self.problems = problems
+
+
+class ReadOnlyStoreError(PermanentStorageError):
+    """A write (``put``, ``delete``, ``copy``, ...) to a store that declares ``read_only``.
+
+    Permanent: like ``EROFS`` from a filesystem, no retry can make the store writable.
+    """
+
+    def __init__(self, url: str, operation: str) -> None:
+        super().__init__(f"{url}: read-only store, {operation} refused")
+        self.url = url
+        self.operation = operation
 
 
 class BackendMissingError(CkptkitError, ImportError):
@@ -192,13 +206,122 @@ class UnstorableValueError(CkptkitError, TypeError):
         self.reason = reason
 
 
+class TopologyMismatchError(CkptkitError, ValueError):
+    """A per-rank checkpoint loaded by a different number of ranks than saved it."""
+
+
 class FormatError(CkptkitError, ValueError):
-    """A file that does not parse as the format it claims (truncated, corrupt, inconsistent)."""
+    """A file that does not parse as the format it claims (truncated, corrupt, inconsistent).
+
+    ``path`` is the file (its store key) and ``offset`` the byte in it where the fault lies;
+    either is None where the reader cannot name one. The subclasses below name the kind of fault
+    and carry its own fields, so a program can act on it without parsing the message.
+    """
 
     exit_code = EXIT_FINDINGS
 
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions unpickle by calling the class with ``args`` alone, which would drop the
+        # keyword fields (or fail on required ones) when an error crosses a process boundary.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type[BaseException], args: tuple[Any, ...], fields: dict[str, Any]) -> BaseException:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
+
+
+class TruncatedError(FormatError):
+    """The file ends before what its own headers or records say it holds.
+
+    ``offset`` is where the data ran out; ``expected`` is the size in bytes the file would need,
+    ``actual`` the size it has.
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int, expected: int, actual: int) -> None:
+        super().__init__(message, path=path, offset=offset)
+        self.expected = expected
+        self.actual = actual
+
+
+class BadHeaderError(FormatError):
+    """A header, magic number or directory record that does not parse as the format's.
+
+    ``offset`` is where the bad structure starts, or where parsing it failed when that is known.
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int | None) -> None:
+        super().__init__(message, path=path, offset=offset)
+
+
+class OverlapError(FormatError):
+    """Two byte ranges of one file that may not share a byte do.
+
+    ``first`` and ``second`` are ``(start, end)`` offsets in the file, end exclusive, ``first``
+    the one that starts first; ``offset`` is where they start to overlap.
+    """
+
+    def __init__(self, message: str, *, path: str, first: tuple[int, int], second: tuple[int, int]) -> None:
+        super().__init__(message, path=path, offset=max(first[0], second[0]))
+        self.first = first
+        self.second = second
+
+
+class DuplicateKeyError(FormatError):
+    """A name that a header or directory holds twice, where readers disagree on which counts.
+
+    ``key`` is the name; ``offset`` is where the header or directory that holds it starts.
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int | None, key: str) -> None:
+        super().__init__(message, path=path, offset=offset)
+        self.key = key
+
+
+class CrcMismatchError(FormatError):
+    """A zip record whose bytes do not match the CRC-32 its directory records.
+
+    ``record`` is the record's name, ``offset`` where its data starts in the file, ``expected``
+    the recorded CRC-32 and ``actual`` the one of the bytes read (None if they do not inflate).
+    """
+
+    def __init__(
+        self, message: str, *, path: str, offset: int | None, record: str, expected: int, actual: int | None
+    ) -> None:
+        super().__init__(message, path=path, offset=offset)
+        self.record = record
+        self.expected = expected
+        self.actual = actual
+
+
+class LimitExceededError(FormatError):
+    """A declared size or count over one of the caps that keep hostile input from exhausting
+    memory: ``actual`` is what the file declares, ``limit`` the cap."""
+
+    def __init__(self, message: str, *, path: str, offset: int | None, limit: int, actual: int) -> None:
+        super().__init__(message, path=path, offset=offset)
+        self.limit = limit
+        self.actual = actual
+
 
 class UnsafeContentError(CkptkitError):
-    """Content that would run code if loaded the usual way; ckptkit refuses it."""
+    """Content that would run code if loaded the usual way; ckptkit refuses it.
+
+    ``globals`` names what loading it would import and call (sorted qualified names).
+    """
 
     exit_code = EXIT_UNSAFE
+
+    def __init__(self, message: str, *, globals: Iterable[str]) -> None:
+        super().__init__(message)
+        self.globals = sorted(set(globals))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore, (type(self), self.args, self.__dict__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -181,8 +181,11 @@ def chunk_ranges(size: int, chunk_size: int = CHUNK_SIZE) -> list[tuple[int, int
     return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
 
 
-def hash_range(store: Store, key: str, start: int, end: int) -> str:
-    """SHA-256 hex of bytes ``[start, end)`` of ``key``, streamed in bounded blocks."""
+def hash_range(
+    store: Store, key: str, start: int, end: int, *, on_bytes: Callable[[int], None] | None = None
+) -> str:
+    """SHA-256 hex of bytes ``[start, end)`` of ``key``, streamed in bounded blocks; ``on_bytes``
+    hears of each block hashed, so a progress display moves within a 64 MiB chunk."""
     hasher = hashlib.sha256()
     with store.open_read(key) as f:
         f.seek(start)
@@ -193,11 +196,20 @@ def hash_range(store: Store, key: str, start: int, end: int) -> str:
                 break  # short file: the digest will not match, which is the finding
             hasher.update(block)
             remaining -= len(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return hasher.hexdigest()
 
 
-def digest_object(store: Store, key: str, size: int, pool: ThreadPoolExecutor) -> FileDigest:
+def digest_object(
+    store: Store,
+    key: str,
+    size: int,
+    pool: ThreadPoolExecutor,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> FileDigest:
     """Digest an existing object, its chunks hashed in parallel on ``pool``."""
     ranges = chunk_ranges(size)
-    hexes = list(pool.map(lambda r: hash_range(store, key, *r), ranges))
+    hexes = list(pool.map(lambda r: hash_range(store, key, *r, on_bytes=on_bytes), ranges))
     return FileDigest(size, root_digest(hexes), tuple(hexes))

@@ -25,14 +25,22 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
-from ckptkit.errors import FormatError, UnsafeContentError
+from ckptkit.errors import CrcMismatchError, FormatError, TruncatedError, UnsafeContentError
 from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.torchfile import TorchFile, read_torch_file
 from ckptkit.formats.tree import check_storage
-from ckptkit.ops.scan import UNSAFE_CLASSES, open_target, scan_file
+from ckptkit.ops.scan import scan_file
 from ckptkit.pickle import NdArray, Opaque, PickleFormatError, StorageRef, TensorRef, TorchSize, VettedObject
+from ckptkit.pickle.policy import (
+    PARAMETER,
+    SCALARS,
+    is_tensor_with_attributes,
+    unsafe_names,
+    unvetted_globals,
+)
 from ckptkit.pickle.values import GlobalRef
 from ckptkit.storage import Store
+from ckptkit.storage.target import resolve_target
 
 # The vetted classes torch.load needs beyond its defaults, by import path (module, name).
 DEEPSPEED_GLOBALS = (
@@ -46,9 +54,6 @@ DEEPSPEED_GLOBALS = (
 NUMPY_GLOBALS = (("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.dtypes", "UInt32DType"))
 _NUMPY_CORES = ("numpy._core.multiarray", "numpy.core.multiarray")  # numpy >= 2, numpy < 2
 
-_REBUILD_FROM_TYPE = GlobalRef("torch._tensor", "_rebuild_from_type_v2")
-_TENSOR_TYPES = frozenset({GlobalRef("torch", "Tensor"), GlobalRef("torch.nn.parameter", "Parameter")})
-_SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None), slice})
 _ZERO_STAGE = "deepspeed.runtime.zero.config.ZeroStageEnum"
 _RESTORED_CLASSES = frozenset(
     {
@@ -162,21 +167,21 @@ def safe_load(
     zip record's CRC-32 is checked as its bytes are read; the records no tensor needs
     (``version``, ...) are checked too, so a file this accepts passes ``ckptkit verify``.
     """
-    target = open_target(path_or_url, **storage_options)
-    if not target.is_file:
+    target = resolve_target(path_or_url, **storage_options)
+    key = target.key
+    if key is None:
         raise FormatError(f"{path_or_url}: safe_load reads one file, and this is a directory")
-    key = target.keys[0]
     try:
         torch_file = read_torch_file(target.store, key)
     except PickleFormatError as exc:
         # A broken pickle that named a payload before breaking is refused for the payload.
-        _refuse(key, {g.ref.qualname for g in exc.globals if g.classification in UNSAFE_CLASSES}, exc)
+        _refuse(key, unsafe_names(exc.globals), exc)
         raise
     except FormatError as exc:
         # Not a torch.save file; if another loader would meet a payload in it, say so.
-        _refuse(key, {g.ref.qualname for g in scan_file(target.store, key).unsafe_globals}, exc)
+        _refuse(key, unsafe_names(scan_file(target.store, key).globals), exc)
         raise
-    _refuse(key, unvetted_globals(torch_file))
+    _refuse(key, unvetted_globals(torch_file.globals, torch_file.value))
     if torch_file.problems:
         raise FormatError(f"{key}: not loaded, the file is inconsistent: " + "; ".join(torch_file.problems))
     builder = _Builder(target.store, key, map_location, torch_file.archive)
@@ -193,39 +198,23 @@ def _check_unread_records(store: Store, torch_file: TorchFile, checked: set[str]
     done = checked | torch_file.crc_checked
     for entry in torch_file.archive.entries:
         # CRC 0 with data: written with CRCs off; verify warns and skips such a record too.
-        if entry.name not in done and entry.crc32 and not zr.crc_check(store, entry):
-            raise FormatError(_crc_failure(torch_file.key, entry.name))
+        if entry.name not in done and entry.crc32:
+            actual = zr.record_crc(store, entry)
+            if actual != entry.crc32:
+                offset = zr.data_offset(store, entry)
+                raise _crc_mismatch(torch_file.key, entry.name, offset, entry.crc32, actual)
 
 
-def _crc_failure(key: str, record: str) -> str:
-    return f"{key}: not loaded: record {record} fails its CRC-32 check: the bytes changed after writing"
-
-
-def unvetted_globals(torch_file: TorchFile) -> set[str]:
-    """Globals that are not vetted, and vetted ones called in a shape the table does not accept."""
-    names = {g.ref.qualname for g in torch_file.globals if g.classification in UNSAFE_CLASSES}
-    for node in _walk(torch_file.value):
-        if type(node) is Opaque and not _is_tensor_with_attributes(node):
-            names.add(node.cls.qualname)
-    return names
-
-
-def _is_tensor_with_attributes(node: Opaque) -> bool:
-    """``_rebuild_from_type_v2`` of a plain tensor or Parameter that carries Python attributes.
-
-    DeepSpeed ZeRO-3 tags its flat partitions with ``ds_id``; torch.save keeps such attributes as
-    the rebuild's state and torch.load sets them with setattr. Only public identifier names are
-    accepted (no dunder or private names that would reach torch internals); the values are
-    checked like any other node of the tree.
-    """
-    if node.cls != _REBUILD_FROM_TYPE or node.kind != "reduce" or len(node.args) != 4:
-        return False
-    _, new_type, inner, state = node.args
-    return (
-        type(inner) is TensorRef
-        and new_type in _TENSOR_TYPES
-        and type(state) is dict
-        and all(type(k) is str and k.isidentifier() and not k.startswith("_") for k in state)
+def _crc_mismatch(
+    key: str, record: str, offset: int | None, expected: int, actual: int | None
+) -> CrcMismatchError:
+    return CrcMismatchError(
+        f"{key}: not loaded: record {record} fails its CRC-32 check: the bytes changed after writing",
+        path=key,
+        offset=offset,
+        record=record,
+        expected=expected,
+        actual=actual,
     )
 
 
@@ -234,30 +223,9 @@ def _refuse(key: str, names: set[str], cause: Exception | None = None) -> None:
         raise UnsafeContentError(
             f"{key}: refused: loading it the usual way would import and call "
             f"{', '.join(sorted(names))}, which ckptkit has not vetted; nothing was run "
-            "('ckptkit scan' shows where each is used)"
+            "('ckptkit scan' shows where each is used)",
+            globals=names,
         ) from cause
-
-
-def _walk(root: Any) -> Iterator[Any]:
-    """Every node of a symbolic tree, each shared node once."""
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if type(node) in _SCALARS or id(node) in seen:
-            continue
-        seen.add(id(node))
-        yield node
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-            stack.extend(getattr(node, "__dict__", {}).values())
-        elif isinstance(node, (list, tuple, set, frozenset)):
-            stack.extend(node)
-        elif type(node) is VettedObject:
-            stack.extend((node.args, node.state))
-        elif type(node) is Opaque:
-            stack.extend((node.args, node.kwargs, node.state, node.items, node.setitems))
 
 
 class _Builder:
@@ -276,7 +244,7 @@ class _Builder:
         self.crc_checked: set[str] = set()
 
     def build(self, node: Any) -> Any:
-        if type(node) in _SCALARS:
+        if type(node) in SCALARS:
             return node
         done = self.memo.get(id(node))
         if done is not None:
@@ -318,9 +286,12 @@ class _Builder:
             return self._global(node)
         if kind is VettedObject:
             return self._vetted(node)
-        if kind is Opaque and _is_tensor_with_attributes(node):
+        if kind is Opaque and is_tensor_with_attributes(node):
             return self._tensor_with_attributes(node)
-        raise UnsafeContentError(f"{self.key}: refused: {kind.__name__} node has no safe value")
+        raise UnsafeContentError(
+            f"{self.key}: refused: {kind.__name__} node has no safe value",
+            globals=[node.cls.qualname] if kind is Opaque else [],
+        )
 
     # --- tensors ---------------------------------------------------------------------------
 
@@ -337,7 +308,7 @@ class _Builder:
 
     def _tensor_with_attributes(self, node: Opaque) -> Any:
         _, new_type, inner, state = node.args
-        is_parameter = inner.is_parameter or new_type == GlobalRef("torch.nn.parameter", "Parameter")
+        is_parameter = inner.is_parameter or new_type == PARAMETER
         tensor = self._tensor(replace(inner, is_parameter=is_parameter))
         for name, value in state.items():
             if hasattr(tensor, name):  # never shadow what a tensor already has (data, grad, ...)
@@ -354,7 +325,7 @@ class _Builder:
             raise FormatError(f"{self.key}: {problem}")
         buffer = self.torch.empty(ref.nbytes, dtype=self.torch.uint8)
         crc = self._read_into(ref.byte_offset, buffer.numpy()) if ref.nbytes else 0
-        self._check_crc(ref.record, crc)
+        self._check_crc(ref.record, ref.byte_offset, crc)
         storage = self.restore(buffer.untyped_storage(), ref.location)
         self.storages[ref.key] = storage
         return storage
@@ -370,15 +341,21 @@ class _Builder:
             while filled < len(view):
                 n = stream.readinto(view[filled:])
                 if not n:
-                    raise FormatError(f"{self.key}: file ends inside a storage at byte {offset + filled}")
+                    raise TruncatedError(
+                        f"{self.key}: file ends inside a storage at byte {offset + filled}",
+                        path=self.key,
+                        offset=offset + filled,
+                        expected=offset + len(view),
+                        actual=offset + filled,
+                    )
                 crc = zlib.crc32(view[filled : filled + n], crc)
                 filled += n
         return crc
 
-    def _check_crc(self, record: str | None, crc: int) -> None:
+    def _check_crc(self, record: str | None, offset: int | None, crc: int) -> None:
         expected = self.crcs.get(record) if record is not None else None
         if expected and crc != expected:
-            raise FormatError(_crc_failure(self.key, str(record)))
+            raise _crc_mismatch(self.key, str(record), offset, expected, crc)
         if record is not None:
             self.crc_checked.add(record)
 

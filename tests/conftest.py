@@ -68,3 +68,14 @@ def any_store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
     if request.param == "memory":
         store.delete_prefix("")
     store.close()
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The S3 run of a test that also runs on the local and memory stores is slow (moto over
+    HTTP); the quick loop keeps the local and memory runs and the tests written for S3 alone."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_s3 = callspec is not None and callspec.params.get("any_store") == "s3"
+        if on_s3 or (item.cls is not None and item.cls.__name__ == "TestS3Store"):
+            item.add_marker(pytest.mark.slow)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ckptkit.cli.main import cli
 from ckptkit.errors import FormatError
 from ckptkit.ops.consolidate import consolidate_zero, parse_size, zero_state_dict
+from ckptkit.ops.convert import convert
 from ckptkit.storage import open_store
 from tests.fixtures.gen_deepspeed import ALL_CASES
 
@@ -170,3 +171,36 @@ def test_missing_rank_file(deepspeed_checkpoints: Any, tmp_path: Path) -> None:
 
 def test_parse_size() -> None:
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(100) == 100
+
+
+def test_each_shard_names_only_its_own_ties(deepspeed_checkpoints: Any, tmp_path: Path) -> None:
+    """A shard's metadata names the ties it holds, so one shard reads on its own (each named every
+    tie of the model, and one without the tie's source was refused: "refers to 'embed.weight'")."""
+    case = deepspeed_checkpoints["z2_fp32_steplr"]
+    consolidate_zero(case.save_dir, tmp_path / "st", max_shard_size=600)
+    index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for shard in shards:
+        result = convert(tmp_path / "st" / shard, tmp_path / f"{shard}.bin", to="torch")
+        assert result.ok
+        assert {c.name for c in result.checks} == {k for k, v in index["weight_map"].items() if v == shard}
+
+
+def test_report_is_converts(deepspeed_checkpoints: Any, tmp_path: Path) -> None:
+    """consolidate reports through convert's renderer: each tensor's source dtype, kind and tie."""
+    case = deepspeed_checkpoints["z2_fp32_steplr"]
+    runner = CliRunner()
+    res = runner.invoke(cli, ["consolidate", str(case.save_dir), str(tmp_path / "a"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["to"] == doc["format"] == "safetensors"
+    head = next(t for t in doc["tensors"] if t["name"] == "head.weight")
+    assert (head["kind"], head["alias_of"], head["src_dtype"], head["ok"]) == (
+        "shared", "embed.weight", "float32", True
+    )
+    res = runner.invoke(cli, ["consolidate", str(case.save_dir), str(tmp_path / "b"), "--format", "torch"])
+    assert res.exit_code == 0, res.output
+    assert res.output.split()[:7] == ["tensor", "kind", "dtype", "shape", "file", "tie", "read"]
+    assert "tied to embed.weight" in res.output
+    assert f"OK: ZeRO-2 x{case.world_size} ({case.tag}) -> torch " in res.output

@@ -209,6 +209,7 @@ print(json.dumps({"ok": result.ok, "files": len(result.files), "growth": peak() 
 """
 
 
+@pytest.mark.slow  # writes and converts a 512 MB model, twice, in child processes
 def test_peak_memory_bounded(tmp_path: Path) -> None:
     """A 512 MB model (sixteen 32 MB tensors) converts with RSS growth below half the model size
     (it is about 190 MB whatever the model size: read-ahead, one 64 MB shard, the compare)."""
@@ -245,3 +246,20 @@ def _write(tmp_path: Path) -> Path:
     path = tmp_path / "src.bin"
     torch.save(_state(), path)
     return path
+
+
+def test_report_names_each_tensors_kind_and_tie(torch_file: Path, tmp_path: Path) -> None:
+    """convert and consolidate print one report: the same tensor fields and the same table."""
+    res = _run("convert", str(torch_file), str(tmp_path / "out"), "--to", "safetensors", "--json")
+    assert res.exit_code == EXIT_OK, res.output
+    report = json.loads(res.output)
+    assert report["to"] == "safetensors" and report["source_kind"] == "torch"
+    head = next(t for t in report["tensors"] if t["name"] == "lm_head.weight")
+    assert head == {
+        "name": "lm_head.weight", "src_dtype": "bfloat16", "dtype": "bfloat16", "shape": [32, 16],
+        "nbytes": 1024, "file": "model.safetensors", "alias_of": "embed.weight", "kind": "shared", "ok": True,
+    }
+    assert {t["kind"] for t in report["tensors"]} == {"tensor", "shared"}
+    res = _run("convert", str(torch_file), str(tmp_path / "one.bin"), "--to", "torch")
+    assert res.exit_code == EXIT_OK, res.output
+    assert res.output.split()[:7] == ["tensor", "kind", "dtype", "shape", "file", "tie", "read"]

@@ -19,6 +19,9 @@ from ckptkit.ops.verify import verify_tree
 from ckptkit.storage import open_store
 from tests import crash_worker
 
+# Crash loops: fifty SIGKILLs per store, from a forkserver that imports torch.
+pytestmark = pytest.mark.slow
+
 KILLS = 50
 
 

@@ -46,6 +46,7 @@ def _assert_same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
+@pytest.mark.slow  # three 2-rank DeepSpeed runs, one SIGKILLed
 def test_kill_during_save_then_resume_matches_uninterrupted(
     deepspeed_parent: None, s3_bucket: str, tmp_path: Path
 ) -> None:

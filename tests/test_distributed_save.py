@@ -29,6 +29,9 @@ from ckptkit.storage import open_store
 from tests.fixtures._common import free_port
 from tests.fixtures.gen_deepspeed import rank_environment
 
+# Every test forks 2-4 gloo ranks (one waits out a commit timeout on purpose).
+pytestmark = pytest.mark.slow
+
 COMMIT_TIMEOUT_S = 10.0
 SHARD = 4_000  # small shards, so that every rank writes several files
 EXIT_FAILED = 3

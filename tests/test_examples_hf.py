@@ -8,11 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ckptkit.catalog import list_checkpoints
 from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.storage import open_store
 from tests.fixtures._common import REPO_ROOT
 from tests.fixtures.gen_hf import OFFLINE_ENV
+
+# Each test runs the example in a fresh interpreter (transformers import, a Trainer run, a kill).
+pytestmark = pytest.mark.slow
 
 
 def test_hf_trainer_example(tmp_path: Path) -> None:

@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ckptkit.catalog import list_checkpoints
 from ckptkit.ops.verify import verify_checkpoint
 from ckptkit.storage import open_store
 from tests.fixtures._common import REPO_ROOT
+
+# The example trains, is killed, and resumes from its S3 mirror, in a fresh interpreter.
+pytestmark = pytest.mark.slow
 
 
 def test_plain_pytorch_example_resumes_from_the_s3_mirror(tmp_path: Path, s3_bucket: str) -> None:

@@ -69,6 +69,7 @@ def test_items_point_at_torch_save_archives(store: LocalStore) -> None:
             assert tuple(tensor.shape) == entry.size
 
 
+@pytest.mark.slow  # a child interpreter imports torch.distributed.checkpoint
 def test_agrees_with_torchs_own_reader(store: LocalStore, tmp_path: Path) -> None:
     # torch's reader, in a subprocess (it unpickles .metadata; ckptkit never does).
     script = (

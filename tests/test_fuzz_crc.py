@@ -112,6 +112,7 @@ def _accepts(path: Path) -> bool:
     return True
 
 
+@pytest.mark.slow  # byte flips for a few seconds, by design
 def test_fuzz_safe_load_accepts_only_what_verify_accepts(tmp_path: Path) -> None:
     """Seeded byte flips over real files for a few seconds. Before safe_load checked storage
     CRCs, most mutations of storage bytes loaded while verify failed them."""

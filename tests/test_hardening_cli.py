@@ -358,6 +358,7 @@ def test_sync_allows_siblings_whose_names_share_a_prefix(tmp_path: Path) -> None
         ("run/step-00000001", "run/step-00000001/copy"),
     ],
 )
+@pytest.mark.slow  # a CLI sync per case on moto S3; the local cases stay quick
 def test_sync_refuses_overlapping_places_on_s3(s3_bucket: str, src: str, dst: str) -> None:
     root = open_store(s3_bucket + "/run")
     commit_files(root, "step-00000001", {"a.bin": b"a" * 100}, step=1)
@@ -398,10 +399,19 @@ def test_the_base_install_declares_what_ckptkit_imports() -> None:
     tomllib = pytest.importorskip("tomllib")
     repo = Path(__file__).resolve().parents[1]
     project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
-    declared = {
-        dep.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip().replace("-", "_")
-        for dep in project["dependencies"]
-    }
-    # Integrations run inside the framework they integrate with, which brings its own package.
-    core = [p for p in (repo / "ckptkit").rglob("*.py") if "integrations" not in p.parts]
+    declared = _names(project["dependencies"])
+    # Integrations run inside the framework they integrate with, which brings its own package;
+    # ckptkit.testing runs inside pytest, and the `testing` extra declares what it needs.
+    package = repo / "ckptkit"
+    core = [p for p in package.rglob("*.py") if not {"integrations", "testing"} & set(p.parts)]
     assert _imported_packages(core) <= declared
+    testing_extra = declared | _names(project["optional-dependencies"]["testing"])
+    assert _imported_packages(list((package / "testing").rglob("*.py"))) <= testing_extra
+
+
+def _names(requirements: list[str]) -> set[str]:
+    """Import names of requirement strings ("hypothesis>=6.100" -> "hypothesis")."""
+    return {
+        dep.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip().replace("-", "_")
+        for dep in requirements
+    }

@@ -171,6 +171,7 @@ def _inspect_under_ceiling(path: Path) -> tuple[int, int, str]:
         ("declares-1e12", 10**12, "holds 16 bytes"),  # was a MemoryError traceback
     ],
 )
+@pytest.mark.slow  # a child interpreter imports torch and measures its peak RSS
 def test_size_bomb_refused_within_memory(tmp_path: Path, name: str, numel: int, message: str) -> None:
     path = tmp_path / f"{name}.pt"
     path.write_bytes(_short_record(numel))
@@ -180,6 +181,7 @@ def test_size_bomb_refused_within_memory(tmp_path: Path, name: str, numel: int, 
     assert growth < 64 << 20, growth
 
 
+@pytest.mark.slow  # a child interpreter imports torch and measures its peak RSS
 def test_zero_stride_bomb_stats_within_memory(tmp_path: Path) -> None:
     """A 20000×20000 zero-stride view of a 4-element storage (was 8.5 GB peak RSS): its stats
     are those of the one stored element it repeats, computed without materialising it."""

@@ -335,6 +335,7 @@ def test_rejects_an_unknown_verify_mode() -> None:
 # --- a save killed midway, then resumed ------------------------------------------------------
 
 
+@pytest.mark.slow  # a Trainer in a child process, SIGKILLed, then resumed
 def test_kill_during_save_then_resume_from_last_committed(tmp_path: Path) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -407,6 +408,7 @@ if __name__ == "__main__":
     _child_main(Path(sys.argv[1]))
 
 
+@pytest.mark.slow  # a Trainer run mirrored to moto S3
 def test_mirror_to_s3_ends_with_the_retained_checkpoints(tmp_path: Path, s3_bucket: str) -> None:
     from ckptkit.catalog import list_checkpoints
 

@@ -191,6 +191,7 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(reference: Run, tmp_path: 
     }
 
 
+@pytest.mark.slow  # Lightning fits against moto S3
 def test_s3_fit_retention_and_resume(reference: Run, s3_bucket: str) -> None:
     run = f"{s3_bucket}/runs/tiny"
     fit(run, max_epochs=2, save_top_k=1)  # no monitor: keeps only the newest
@@ -232,6 +233,7 @@ def test_uncommitted_checkpoint_is_never_picked_local(tmp_path: Path) -> None:
         fit(str(tmp_path / "out"), max_epochs=1, ckpt_path=str(root / "epoch=8-step=98.ckpt"))
 
 
+@pytest.mark.slow  # Lightning fits against moto S3
 def test_uncommitted_checkpoint_is_never_picked_s3(s3_bucket: str) -> None:
     run = f"{s3_bucket}/run"
     save_lightning_checkpoint(open_store(run), "epoch=0-step=4.ckpt", {"global_step": 4, "state_dict": {}})

@@ -294,6 +294,7 @@ def test_schema_is_readable_as_package_resource() -> None:
     assert schema["properties"]["layout"]["enum"] == ["native", "deepspeed", "hf-trainer", "dcp", "files"]
 
 
+@pytest.mark.slow  # pip builds a wheel
 def test_schema_is_in_the_built_wheel(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

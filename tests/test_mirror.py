@@ -22,6 +22,9 @@ from ckptkit.ops.verify import verify_checkpoint
 from ckptkit.retention import RetentionPolicy
 from ckptkit.storage import open_store
 
+# Background uploads that run to the end (five tests take 2-20 s here), two from a child process.
+pytestmark = pytest.mark.slow
+
 
 def remote_committed(url: str) -> dict[str, object]:
     return {c.name: c.manifest for c in list_checkpoints(open_store(url)) if c.committed}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 
 from ckptkit.catalog import list_checkpoints
@@ -48,6 +49,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a child killed mid-upload, then the catch-up run, on moto S3
 def test_after_sigkill_the_next_run_deletes_what_retention_deleted(tmp_path: Path, s3_bucket: str) -> None:
     remote = f"{s3_bucket}/run"
     child = subprocess.Popen(

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,9 @@ from hypothesis.extra import numpy as hnp
 from ckptkit.native import read_native, write_native
 from ckptkit.storage import Store, open_store
 from tests.test_native_format import StoreSink, assert_exact, random_tensor
+
+# Property tests: each saves and loads fifty random trees; test_native_format stays quick.
+pytestmark = pytest.mark.slow
 
 DTYPES = [
     torch.float32,

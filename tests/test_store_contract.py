@@ -1,168 +1,181 @@
-"""The Store contract, run against every store: local disk, fsspec memory, and S3 (moto/HTTP)."""
+"""The Store contract (ckptkit.testing), run against every store: local disk, fsspec memory, S3
+(moto over HTTP) and the read-only byte-range store that convert reads DCP items through.
+
+Each store's ``raw`` fixture reaches the same bytes without the store: plain files, the fsspec
+memory filesystem, boto3.
+"""
 
 from __future__ import annotations
 
-import os
-import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
+from hypothesis import settings
 
-from ckptkit.errors import AlreadyExistsError, InvalidURLError, NotFoundError, StorageError
-from ckptkit.storage import Store
-
-
-def test_put_get_roundtrip_and_ranges(any_store: Store) -> None:
-    data = bytes(range(256)) * 4
-    info = any_store.put("a/b/blob.bin", data)
-    assert info.size == len(data)
-    assert any_store.get("a/b/blob.bin") == data
-    assert any_store.get("a/b/blob.bin", 10, 20) == data[10:20]
-    assert any_store.get("a/b/blob.bin", 1000) == data[1000:]
-    assert any_store.get("a/b/blob.bin", 5, 5) == b""
-    assert any_store.head("a/b/blob.bin").size == len(data)
+from ckptkit.ops.convert_source import _RangeStore
+from ckptkit.storage import LocalStore, Store, StoreCapabilities, open_store
+from ckptkit.testing import DEFAULT_STATE_MACHINE_SETTINGS, ReadOnlyStoreContractTests, StoreContractTests
 
 
-def test_put_streams_chunks(any_store: Store) -> None:
-    chunks = [os.urandom(1 << 20) for _ in range(3)] + [b"", b"tail"]
-    info = any_store.put("big.bin", (c for c in chunks))
-    assert info.size == sum(map(len, chunks))
-    assert any_store.get("big.bin") == b"".join(chunks)
+class DirectoryRaw:
+    """Objects as plain files below a directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get(self, key: str) -> bytes | None:
+        path = self.root / key
+        return path.read_bytes() if path.is_file() else None
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
-def test_multipart_sized_stream(any_store: Store) -> None:
-    # Larger than the streaming block (16 MiB): S3 takes the multipart path.
-    part = os.urandom(1 << 20)
-    any_store.put("multi.bin", (part for _ in range(20)))
-    assert any_store.head("multi.bin").size == 20 << 20
-    assert any_store.get("multi.bin", (19 << 20) + 5, (19 << 20) + 9) == part[5:9]
+class FsspecRaw:
+    """Objects as files of an fsspec filesystem below ``root`` (a path without protocol)."""
+
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs, self.root = fs, root
+
+    def get(self, key: str) -> bytes | None:
+        path = f"{self.root}/{key}"
+        return self.fs.cat_file(path) if self.fs.isfile(path) else None
+
+    def put(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self.root}/{key}", data)
 
 
-def test_empty_object(any_store: Store) -> None:
-    any_store.put("empty", b"")
-    assert any_store.get("empty") == b""
-    assert any_store.head("empty").size == 0
+class S3Raw:
+    """Objects of a bucket below ``root``, through boto3."""
 
+    def __init__(self, client: Any, bucket: str, root: str) -> None:
+        self.client, self.bucket, self.root = client, bucket, root
 
-def test_missing_keys_raise_not_found(any_store: Store) -> None:
-    calls = (
-        lambda: any_store.get("nope"),
-        lambda: any_store.head("nope"),
-        lambda: any_store.open_read("nope"),
-    )
-    for call in calls:
-        with pytest.raises(NotFoundError) as excinfo:
-            call()
-        assert isinstance(excinfo.value, FileNotFoundError)
-        assert "nope" in str(excinfo.value)
-    assert not any_store.exists("nope")
-
-
-def test_create_mode_refuses_existing(any_store: Store) -> None:
-    any_store.put("k", b"first", mode="create")
-    with pytest.raises(AlreadyExistsError) as excinfo:
-        any_store.put("k", b"second", mode="create")
-    assert isinstance(excinfo.value, FileExistsError)
-    assert any_store.get("k") == b"first"
-    any_store.put("k", b"third")  # overwrite is the default
-    assert any_store.get("k") == b"third"
-
-
-def test_concurrent_create_has_exactly_one_winner(any_store: Store) -> None:
-    assert any_store.capabilities.conditional_create
-    results: list[str] = []
-    barrier = threading.Barrier(6)
-
-    def racer(i: int) -> None:
-        barrier.wait()
+    def get(self, key: str) -> bytes | None:
         try:
-            any_store.put("race", f"writer-{i}".encode(), mode="create")
-            results.append(f"writer-{i}")
-        except AlreadyExistsError:
-            results.append("lost")
+            return self.client.get_object(Bucket=self.bucket, Key=f"{self.root}/{key}")["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
 
-    threads = [threading.Thread(target=racer, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [r for r in results if r != "lost"]
-    assert len(winners) == 1
-    assert any_store.get("race").decode() == winners[0]
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=f"{self.root}/{key}", Body=data)
 
 
-def test_failed_stream_leaves_no_object(any_store: Store) -> None:
-    def broken():
-        yield b"x" * 1000
-        raise RuntimeError("producer died")
+class DocumentedCapabilities:
+    """The capabilities table of docs/storage.md, per store (the suites check them against behaviour)."""
 
-    with pytest.raises(RuntimeError):
-        any_store.put("partial", broken())
-    assert not any_store.exists("partial")
-    assert [i.key for i in any_store.list("")] == []
+    documented_capabilities: ClassVar[StoreCapabilities]
+
+    def test_declares_the_documented_capabilities(self, store: Store) -> None:
+        assert store.capabilities == self.documented_capabilities
 
 
-def test_list_is_recursive_relative_and_prefix_exact(any_store: Store) -> None:
-    for key in ("ab/x", "a/1", "a/sub/2", "b"):
-        any_store.put(key, key.encode())
-    assert sorted(i.key for i in any_store.list("a")) == ["a/1", "a/sub/2"]
-    assert sorted(i.key for i in any_store.list("")) == ["a/1", "a/sub/2", "ab/x", "b"]
-    assert list(any_store.list("missing")) == []
-    assert any_store.list_dirs("") == ["a", "ab"]
-    assert any_store.list_dirs("a") == ["sub"]
-    assert any_store.list_dirs("missing") == []
-    sizes = {i.key: i.size for i in any_store.list("")}
-    assert sizes["a/sub/2"] == len(b"a/sub/2")
+class TestLocalStore(DocumentedCapabilities, StoreContractTests):
+    documented_capabilities = StoreCapabilities(
+        atomic_rename=True, conditional_create=True, durable_writes=True
+    )
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        with open_store(tmp_path / "store") as store:
+            yield store
+
+    @pytest.fixture
+    def raw(self, tmp_path: Path) -> DirectoryRaw:
+        return DirectoryRaw(tmp_path / "store")
 
 
-def test_delete_and_delete_prefix(any_store: Store) -> None:
-    any_store.put("d/1", b"1")
-    any_store.put("d/e/2", b"2")
-    any_store.put("keep", b"k")
-    any_store.delete("d/1")
-    any_store.delete("d/1")  # missing is not an error
-    assert not any_store.exists("d/1")
-    any_store.delete_prefix("d")
-    assert [i.key for i in any_store.list("")] == ["keep"]
-    assert any_store.list_dirs("") == []
+class TestMemoryStore(DocumentedCapabilities, StoreContractTests):
+    documented_capabilities = StoreCapabilities(
+        atomic_rename=False, conditional_create=True, durable_writes=False
+    )
+
+    @pytest.fixture
+    def root(self) -> Iterator[str]:
+        import fsspec
+
+        root = f"/ckptkit-test-{uuid.uuid4().hex[:12]}/root"
+        yield root
+        fs = fsspec.filesystem("memory")
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+    @pytest.fixture
+    def store(self, root: str) -> Iterator[Store]:
+        with open_store(f"memory://{root}") as store:
+            yield store
+
+    @pytest.fixture
+    def raw(self, root: str) -> FsspecRaw:
+        import fsspec
+
+        return FsspecRaw(fsspec.filesystem("memory"), root)
 
 
-def test_copy_and_streaming_read(any_store: Store) -> None:
-    data = os.urandom(3 << 20)
-    any_store.put("src", data)
-    any_store.copy("src", "dir/dst")
-    with any_store.open_read("dir/dst") as f:
-        f.seek(1 << 20)
-        assert f.read(10) == data[1 << 20 : (1 << 20) + 10]
+class TestS3Store(DocumentedCapabilities, StoreContractTests):
+    documented_capabilities = StoreCapabilities(
+        atomic_rename=False, conditional_create=True, durable_writes=True
+    )
+    keeps_user_metadata = True
+    # Every step is an HTTP request to moto: fewer, shorter sequences.
+    state_machine_settings = settings(DEFAULT_STATE_MACHINE_SETTINGS, max_examples=20, stateful_step_count=25)
+
+    @pytest.fixture
+    def store(self, s3_bucket: str) -> Iterator[Store]:
+        with open_store(f"{s3_bucket}/root") as store:
+            yield store
+
+    @pytest.fixture
+    def raw(self, s3_bucket: str, s3_endpoint: str) -> S3Raw:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        return S3Raw(client, s3_bucket.removeprefix("s3://"), "root")
 
 
-def test_child_store_is_rooted(any_store: Store) -> None:
-    child = any_store.child("run/step-1")
-    child.put("file", b"hello")
-    assert any_store.get("run/step-1/file") == b"hello"
-    assert [i.key for i in child.list("")] == ["file"]
-    assert child.url.endswith("run/step-1")
+# Bytes around the range, which the range store must neither show nor change.
+_PADDING = b"<outside the range>"
 
 
-@pytest.mark.parametrize("key", ["/abs", "../up", "a/../b", "a//b", "a/./b", "nul\x00", "back\\slash"])
-def test_invalid_keys_are_refused(any_store: Store, key: str) -> None:
-    with pytest.raises(InvalidURLError):
-        any_store.put(key, b"x")
+class RangeRaw:
+    """The range's bytes read from the file that holds them, padding cut off."""
+
+    def __init__(self, root: Path, key: str, length: int) -> None:
+        self.root, self.key, self.length = root, key, length
+
+    def get(self, key: str) -> bytes | None:
+        path = self.root / key
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        if key != self.key:
+            return data
+        assert data[: len(_PADDING)] == data[len(_PADDING) + self.length :] == _PADDING
+        return data[len(_PADDING) : len(_PADDING) + self.length]
 
 
-def test_rename_prefix_when_declared(any_store: Store) -> None:
-    if not any_store.capabilities.atomic_rename:
-        with pytest.raises(TypeError):
-            any_store.rename_prefix("a", "b")
-        return
-    any_store.put("stage/f", b"1")
-    any_store.rename_prefix("stage", "final")
-    assert any_store.get("final/f") == b"1"
-    any_store.put("stage2/f", b"2")
-    with pytest.raises(AlreadyExistsError):
-        any_store.rename_prefix("stage2", "final")
-    assert any_store.get("final/f") == b"1"
+class TestRangeStore(DocumentedCapabilities, ReadOnlyStoreContractTests):
+    """convert reads each DCP item (a torch.save file inside a larger file) through this view."""
 
+    documented_capabilities = StoreCapabilities(
+        atomic_rename=False, conditional_create=False, durable_writes=False, read_only=True
+    )
 
-def test_errors_are_storage_errors(any_store: Store) -> None:
-    with pytest.raises(StorageError):
-        any_store.get("missing")
+    objects: ClassVar[dict[str, bytes]] = {"a/bc/item.distcp": bytes(range(256)) * 4}
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        ((key, data),) = self.objects.items()
+        DirectoryRaw(tmp_path).put(key, _PADDING + data + _PADDING)
+        return _RangeStore(LocalStore(tmp_path), key, len(_PADDING), len(data))
+
+    @pytest.fixture
+    def raw(self, tmp_path: Path) -> RangeRaw:
+        ((key, data),) = self.objects.items()
+        return RangeRaw(tmp_path, key, len(data))
+

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from ckptkit.catalog import list_checkpoints, read_manifest
@@ -41,6 +42,7 @@ def assert_verified(url: str, names, **options) -> None:
         assert report.ok, report
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_root_round_trip_local_s3_local(tmp_path: Path, faulty_s3, faulty_bucket: str) -> None:
     src = make_root(tmp_path / "src")
     remote = f"{faulty_bucket}/run"
@@ -66,6 +68,7 @@ def test_root_round_trip_local_s3_local(tmp_path: Path, faulty_s3, faulty_bucket
     assert not [p for p in back.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_unchanged_resync_sends_no_data(tmp_path: Path, faulty_s3, faulty_bucket: str) -> None:
     src = make_root(tmp_path / "src")
     remote = f"{faulty_bucket}/run"
@@ -78,6 +81,7 @@ def test_unchanged_resync_sends_no_data(tmp_path: Path, faulty_s3, faulty_bucket
     assert set(faulty_s3.requests) <= {"GET", "HEAD"}
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_interrupted_sync_resumes_with_only_the_missing_files(
     tmp_path: Path, faulty_s3, faulty_bucket: str
 ) -> None:
@@ -134,6 +138,7 @@ def test_local_destination_resume_rehashes_instead_of_trusting_sizes(tmp_path: P
     assert (tmp_path / "dst/step-00000004/optim/state.bin").read_bytes() == files["optim/state.bin"]
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_single_checkpoint_and_trailing_slash(tmp_path: Path, s3_bucket: str) -> None:
     src = make_root(tmp_path / "src")
     report = sync(src / "step-00000002", f"{s3_bucket}/other/renamed")
@@ -158,6 +163,7 @@ def test_corrupt_source_is_not_committed(tmp_path: Path, s3_bucket: str) -> None
     assert list(committed(f"{s3_bucket}/run")) == ["step-00000001"]
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_foreign_directory_is_refused_or_indexed_in_memory(tmp_path: Path, s3_bucket: str) -> None:
     src = make_root(tmp_path / "src", steps=(1,))
     foreign = src / "checkpoint-500"
@@ -177,6 +183,7 @@ def test_foreign_directory_is_refused_or_indexed_in_memory(tmp_path: Path, s3_bu
     assert not (foreign / MANIFEST_NAME).exists()  # the source was not written to
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_incomplete_save_is_skipped_or_copied_raw(tmp_path: Path, s3_bucket: str) -> None:
     src = open_store(f"{s3_bucket}/src")
     commit_files(src, "step-00000001", sample_files(1), step=1)
@@ -193,6 +200,7 @@ def test_incomplete_save_is_skipped_or_copied_raw(tmp_path: Path, s3_bucket: str
     assert listing == {"step-00000001": "committed", "step-00000002": "incomplete"}
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_conflicting_checkpoint_at_destination(tmp_path: Path, s3_bucket: str) -> None:
     src = make_root(tmp_path / "src", steps=(1,))
     theirs = commit_files(open_store(f"{s3_bucket}/run"), "step-00000001", sample_files(99), step=1)
@@ -202,6 +210,7 @@ def test_conflicting_checkpoint_at_destination(tmp_path: Path, s3_bucket: str) -
     assert read_manifest(open_store(f"{s3_bucket}/run/step-00000001")).checkpoint_id == theirs.checkpoint_id
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_delete_mirrors_retention_and_refuses_an_empty_source(tmp_path: Path, s3_bucket: str) -> None:
     src = make_root(tmp_path / "src")
     sync(src, f"{s3_bucket}/run")
@@ -259,6 +268,7 @@ def test_progress_is_drawn_on_a_terminal_only(tmp_path: Path) -> None:
     assert "\r" not in result.output and "ETA" not in result.output  # CliRunner is not a TTY
 
 
+@pytest.mark.slow  # several syncs against moto S3
 def test_deepspeed_latest_follows_its_tag(tmp_path: Path, s3_bucket: str) -> None:
     src = open_store(tmp_path / "ds")
     commit_files(src, "global_step3", sample_files(3), step=3)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -24,14 +26,22 @@ def handles_errors(command: Callable[..., int | None]) -> Callable[..., None]:
         try:
             code = command(*args, **kwargs) or EXIT_OK
         except CkptkitError as exc:
-            emit_error(str(exc), type(exc).__name__, as_json)
+            _report(exc, as_json)
             code = exc.exit_code
         except OSError as exc:  # an OS error no adapter translated: still no traceback
-            emit_error(str(exc), type(exc).__name__, as_json)
+            _report(exc, as_json)
             code = EXIT_STORAGE
         sys.exit(code)
 
     return wrapper
+
+
+def _report(exc: Exception, as_json: bool) -> None:
+    """The one-line message; with ``CKPTKIT_DEBUG=1`` also the traceback, on stderr, so that a
+    bug report can say where an expected error came from without a debugger."""
+    emit_error(str(exc), type(exc).__name__, as_json)
+    if os.environ.get("CKPTKIT_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(exc, file=sys.stderr)
 
 
 def storage_options(ctx: click.Context) -> dict[str, Any]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from ckptkit.cli.common import handles_errors, json_option, storage_options
-from ckptkit.cli.render import emit_json, format_bytes, table
-from ckptkit.errors import EXIT_FINDINGS, EXIT_OK
+from ckptkit.cli.write_report import emit_write_report
 
 
 @click.command("consolidate")
@@ -54,26 +53,11 @@ def consolidate_command(
     Exit 0 when every tensor read back matches, 1 on a mismatch or an inconsistent checkpoint.
     """
     # The library (and torch) load only when the command runs.
+    from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.consolidate import consolidate_zero
 
     result = consolidate_zero(
-        path, out, tag=tag, dtype=dtype, max_shard_size=max_shard_size, fmt=fmt, **storage_options(ctx)
+        path, out, tag=tag, dtype=dtype, max_shard_size=max_shard_size, fmt=fmt,
+        progress=terminal_progress("consolidate", as_json=as_json), **storage_options(ctx),
     )
-    code = EXIT_OK if result.ok else EXIT_FINDINGS
-    if as_json:
-        emit_json(result.to_json())
-        return code
-    rows = [
-        [c.name, c.kind, c.dtype, "x".join(map(str, c.shape)) or "()", c.file, "ok" if c.ok else c.problem]
-        for c in result.checks
-    ]
-    click.echo(table(rows, ["tensor", "kind", "dtype", "shape", "file", "read back"]))
-    for note in result.notes:
-        click.echo(f"note: {note}")
-    verdict = "OK" if result.ok else "FAILED"
-    click.echo(
-        f"{verdict}: ZeRO-{result.stage} x{result.world_size} ({result.tag}) -> {result.url}: "
-        f"{len(result.checks)} tensors, {len(result.files)} file(s), {format_bytes(result.total_size)}, "
-        f"{result.seconds:.2f}s"
-    )
-    return code
+    return emit_write_report(result, as_json)

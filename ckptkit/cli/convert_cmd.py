@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from ckptkit.cli.common import handles_errors, json_option, storage_options
-from ckptkit.cli.render import emit_json, format_bytes, table
-from ckptkit.errors import EXIT_FINDINGS, EXIT_OK
+from ckptkit.cli.write_report import emit_write_report
 
 
 @click.command("convert")
@@ -44,30 +43,11 @@ def convert_command(
     through ranged reads. DST appears only complete and verified. Exit 0 when every tensor
     matches, 1 on a mismatch or a broken source, 3 when SRC holds code ckptkit would not run.
     """
+    from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.convert import convert
 
-    result = convert(src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, **storage_options(ctx))
-    code = EXIT_OK if result.ok else EXIT_FINDINGS
-    if as_json:
-        emit_json(result.to_json())
-        return code
-    rows = [
-        [
-            c.name,
-            c.dtype if c.src_dtype == c.dtype else f"{c.src_dtype} -> {c.dtype}",
-            "x".join(map(str, c.shape)) or "()",
-            c.file or "-",
-            f"tied to {c.alias_of}" if c.alias_of else "",
-            "equal" if c.ok else c.problem,
-        ]
-        for c in result.checks
-    ]
-    click.echo(table(rows, ["tensor", "dtype", "shape", "file", "tie", "reloaded"]))
-    for note in result.notes:
-        click.echo(f"note: {note}")
-    verdict = "OK" if result.ok else "FAILED"
-    click.echo(
-        f"{verdict}: {result.source_kind} -> {result.to} {result.url}: {len(result.checks)} tensors "
-        f"compared, {len(result.files)} file(s), {format_bytes(result.total_size)}, {result.seconds:.2f}s"
+    progress = terminal_progress("convert", as_json=as_json)
+    result = convert(
+        src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, progress=progress, **storage_options(ctx)
     )
-    return code
+    return emit_write_report(result, as_json)

@@ -127,9 +127,11 @@ def verify_command(ctx: click.Context, path: str, quick: bool, jobs: int | None,
     allows (zip CRCs, record sizes, safetensors rules, index files, DeepSpeed completeness).
     Exit 0 if everything holds, 1 if anything is missing, truncated, corrupt or uncommitted.
     """
+    from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.verify import verify_path
 
-    reports = verify_path(path, quick=quick, jobs=jobs, **storage_options(ctx))
+    progress = terminal_progress("verify", as_json=as_json)
+    reports = verify_path(path, quick=quick, jobs=jobs, progress=progress, **storage_options(ctx))
     code = EXIT_OK if all(r.ok for r in reports) else EXIT_FINDINGS
     if as_json:
         emit_json({"ok": code == EXIT_OK, "checkpoints": [r.to_json() for r in reports]})
@@ -171,9 +173,11 @@ def index_command(
     ctx: click.Context, path: str, force: bool, step: int | None, jobs: int | None, as_json: bool
 ) -> int:
     """Hash a checkpoint directory another tool wrote and commit a manifest for it."""
+    from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.index import index_checkpoint
 
-    result = index_checkpoint(_store(ctx, path), force=force, step=step, jobs=jobs)
+    progress = terminal_progress("index", as_json=as_json)
+    result = index_checkpoint(_store(ctx, path), force=force, step=step, jobs=jobs, progress=progress)
     m = result.manifest
     if as_json:
         emit_json({"url": result.url, "replaced": result.replaced, "manifest": m.to_json()})
@@ -196,9 +200,15 @@ def index_command(
 @handles_errors
 def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json: bool) -> int:
     """Remove staging leftovers and orphaned objects of interrupted saves under ROOT."""
+    from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.gc import collect_garbage
 
-    report = collect_garbage(_store(ctx, root), grace_seconds=_parse_duration(grace), dry_run=dry_run)
+    report = collect_garbage(
+        _store(ctx, root),
+        grace_seconds=_parse_duration(grace),
+        dry_run=dry_run,
+        progress=terminal_progress("gc", as_json=as_json),
+    )
     if as_json:
         emit_json({"url": report.url, "dry_run": dry_run, "removed": report.removed,
                    "kept_young": report.kept_young, "skipped": report.skipped,

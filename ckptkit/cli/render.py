@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from typing import Any
 
 import click
@@ -48,6 +47,3 @@ def emit_error(message: str, kind: str, as_json: bool) -> None:
     else:
         click.echo(f"ckptkit: error: {message}", err=True)
 
-
-def is_tty() -> bool:
-    return sys.stdout.isatty()

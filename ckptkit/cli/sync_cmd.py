@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ckptkit.cli.common import handles_errors, json_option, storage_options
@@ -79,12 +77,11 @@ def sync_command(
     or failed verification; 2 on a conflict (DST holds a different checkpoint of that name); 4
     when storage kept failing after retries.
     """
-    from ckptkit.cli.progress import TerminalProgress
+    from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.sync import sync
     from ckptkit.transfer import RetryPolicy
 
     options = storage_options(ctx)
-    show_progress = not as_json and not dry_run and sys.stderr.isatty()
     report = sync(
         src,
         dst,
@@ -95,7 +92,7 @@ def sync_command(
         include_incomplete=include_incomplete,
         index=index,
         retry=RetryPolicy(attempts=retries),
-        progress=TerminalProgress() if show_progress else None,
+        progress=terminal_progress("sync", as_json=as_json),
         src_options=options,
         dst_options=options,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +65,12 @@ class DcpCheckpoint:
     unreferenced_files: list[str]  # present, named by nothing (left by an earlier save?)
     globals: list[GlobalUse]
     problems: list[str] = field(default_factory=list)
+
+
+def is_dcp(names: Iterable[str]) -> bool:
+    """Whether a listing holds a DCP ``.metadata``: DCP writes it last, so it marks the layout;
+    the data files it names are checked by :func:`read_dcp`, not guessed from their names."""
+    return any(posixpath.basename(n) == METADATA for n in names)
 
 
 def read_dcp(store: Store, prefix: str = "", *, limits: Limits | None = None) -> DcpCheckpoint:

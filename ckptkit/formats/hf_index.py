@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import FormatError, LimitExceededError
 from ckptkit.formats.dtypes import torch_itemsize
 from ckptkit.formats.safetensors import read_safetensors_header
 from ckptkit.formats.sniff import detect
@@ -71,7 +71,13 @@ def read_hf_index(store: Store, key: str, *, check_shards: bool = True) -> HfInd
 def _load(store: Store, key: str) -> dict[str, Any]:
     size = store.head(key).size
     if size > MAX_INDEX_SIZE:
-        raise FormatError(f"{key}: {size} bytes, over the {MAX_INDEX_SIZE} byte cap for an index file")
+        raise LimitExceededError(
+            f"{key}: {size} bytes, over the {MAX_INDEX_SIZE} byte cap for an index file",
+            path=key,
+            offset=0,
+            limit=MAX_INDEX_SIZE,
+            actual=size,
+        )
     try:
         document = json.loads(store.get(key).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -10,18 +10,16 @@ data. Persistent ids are 6-tuples ``("storage", type, key, location, numel, view
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import BadHeaderError, FormatError
 from ckptkit.formats.dtypes import torch_itemsize
 from ckptkit.formats.sniff import LEGACY_MAGIC
+from ckptkit.formats.torchfile_types import TorchFile
 from ckptkit.formats.tree import check_tensor, walk_tensors
 from ckptkit.pickle import Limits, PickleFormatError, load_symbolic, storage_ref_from_pid
 from ckptkit.pickle.values import StorageRef
 from ckptkit.storage.base import Store
-
-if TYPE_CHECKING:
-    from ckptkit.formats.torchfile import TorchFile
 
 PROTOCOL_VERSION = 1001
 FIRST_WINDOW = 1 << 20  # most legacy pickles fit; the window grows 4x until the pickles parse
@@ -52,18 +50,20 @@ class _Prefix:
 
 
 def read_legacy(store: Store, key: str, limits: Limits) -> TorchFile:
-    from ckptkit.formats.torchfile import TorchFile
-
     size = store.head(key).size
     prefix = _Prefix(store, key, size)
     problems: list[str] = []
 
-    magic, pos, _ = _pickle(prefix, 0, limits, key, "magic number")
+    magic, version_at, _ = _pickle(prefix, 0, limits, key, "magic number")
     if magic.value != LEGACY_MAGIC:
-        raise FormatError(f"{key}: invalid legacy magic number; corrupt file?")
-    version, pos, _ = _pickle(prefix, pos, limits, key, "protocol version")
+        raise BadHeaderError(f"{key}: invalid legacy magic number; corrupt file?", path=key, offset=0)
+    version, pos, _ = _pickle(prefix, version_at, limits, key, "protocol version")
     if version.value != PROTOCOL_VERSION:
-        raise FormatError(f"{key}: legacy protocol version {version.value!r}, expected {PROTOCOL_VERSION}")
+        raise BadHeaderError(
+            f"{key}: legacy protocol version {version.value!r}, expected {PROTOCOL_VERSION}",
+            path=key,
+            offset=version_at,
+        )
     sys_info, pos, _ = _pickle(prefix, pos, limits, key, "sys_info")
     if isinstance(sys_info.value, dict) and sys_info.value.get("little_endian") is False:
         problems.append("written on a big-endian machine: storages are big-endian")

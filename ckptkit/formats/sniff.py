@@ -68,9 +68,11 @@ class Detected:
         return self.kind in BAD_KINDS
 
 
-def detect(store: Store, key: str) -> Detected:
-    """Classify ``key`` from its first and last few KB."""
-    size = store.head(key).size
+def detect(store: Store, key: str, size: int | None = None) -> Detected:
+    """Classify ``key`` from its first and last few KB. ``size``, when the caller already has it
+    from a listing or a HEAD, saves a metadata request (on S3 a round trip per file)."""
+    if size is None:
+        size = store.head(key).size
     if size == 0:
         return Detected("empty", f"{key} is empty (0 bytes): the download or save did not complete")
     head = store.get(key, 0, min(size, HEAD_SIZE))

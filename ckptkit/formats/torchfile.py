@@ -12,38 +12,22 @@ a ``problem``; input too broken to describe raises :class:`FormatError`.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import FormatError, LimitExceededError
 from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.dtypes import torch_itemsize
 from ckptkit.formats.legacy import read_legacy
 from ckptkit.formats.sniff import detect
+from ckptkit.formats.torchfile_types import TorchFile
 from ckptkit.formats.tree import check_tensor, walk_tensors
 from ckptkit.pickle import Limits, load_symbolic, storage_ref_from_pid
-from ckptkit.pickle.values import GlobalUse, StorageRef, TensorRef
+from ckptkit.pickle.values import StorageRef, TensorRef
 from ckptkit.storage.base import Store
 
 MAX_PICKLE_BYTES = 1 << 30  # the object pickle is read whole; tensors live elsewhere
 MAX_SMALL_RECORD = 4096  # byteorder, version, ...
-
-
-@dataclass
-class TorchFile:
-    key: str
-    kind: Literal["zip", "legacy", "pickle"]
-    value: Any  # the symbolic tree (ckptkit.pickle.values)
-    globals: list[GlobalUse]
-    tensors: list[tuple[str, TensorRef]]  # (tree path, tensor), storages resolved
-    storages: dict[str, StorageRef]  # storage key -> resolved storage
-    problems: list[str] = field(default_factory=list)
-    protocol: int | None = None
-    record_prefix: str | None = None  # zip: the "<prefix>/" directory of every record
-    prefix_offset: int = 0  # zip: bytes before the archive
-    byteorder: str = "little"
-    archive: zr.ZipArchive | None = None  # zip: its directory, whose records carry CRC-32s
-    crc_checked: frozenset[str] = frozenset()  # zip records whose CRC-32 this reader checked
 
 
 def read_torch_file(store: Store, key: str, *, limits: Limits | None = None) -> TorchFile:
@@ -210,7 +194,13 @@ def read_bare_pickle(store: Store, key: str, limits: Limits) -> TorchFile:
     """A file that is one pickle (``pickle.dump``, DCP ``.metadata``): no storages to resolve."""
     size = store.head(key).size
     if size > MAX_PICKLE_BYTES:
-        raise FormatError(f"{key}: pickle of {size} bytes exceeds the {MAX_PICKLE_BYTES} byte cap")
+        raise LimitExceededError(
+            f"{key}: pickle of {size} bytes exceeds the {MAX_PICKLE_BYTES} byte cap",
+            path=key,
+            offset=0,
+            limit=MAX_PICKLE_BYTES,
+            actual=size,
+        )
     data = store.get(key)
     result = load_symbolic(data, limits=limits, pickle_name=key)
     problems = []

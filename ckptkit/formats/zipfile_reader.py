@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import BadHeaderError, FormatError, LimitExceededError, OverlapError, TruncatedError
 from ckptkit.storage.base import Store
 
 EOCD_SIG = b"PK\x05\x06"
@@ -38,7 +38,6 @@ LOCAL_WINDOW = 512  # bytes read per local header: 30 + name + torch's <=68-byte
 COALESCE_GAP = 64 << 10  # neighbouring local headers closer than this are fetched in one read
 CRC_CHUNK = 8 << 20
 
-FLAG_ENCRYPTED = 0x1
 FLAG_UTF8 = 0x800
 # Flags CPython zipfile refuses or treats differently from miniz (CVE-2025-1945).
 FLAGS_DIFFERENTIAL = 0x1 | 0x20 | 0x40
@@ -107,23 +106,44 @@ def read_zip(store: Store, key: str, *, max_entries: int = MAX_ENTRIES) -> ZipAr
     if disk != 0 or cd_disk != 0 or n_disk != n_total:
         raise FormatError(f"{key}: multi-disk zip archives are not supported")
     if n_total > max_entries:
-        raise FormatError(f"{key}: {n_total} zip entries exceed the cap of {max_entries}")
+        raise LimitExceededError(
+            f"{key}: {n_total} zip entries exceed the cap of {max_entries}",
+            path=key,
+            offset=eocd_pos,
+            limit=max_entries,
+            actual=n_total,
+        )
     if cd_size > MAX_CENTRAL_DIRECTORY:
-        raise FormatError(f"{key}: central directory of {cd_size} bytes exceeds the cap")
+        raise LimitExceededError(
+            f"{key}: central directory of {cd_size} bytes exceeds the cap",
+            path=key,
+            offset=eocd_pos,
+            limit=MAX_CENTRAL_DIRECTORY,
+            actual=cd_size,
+        )
     # Data prepended to the archive shifts every stored offset by the same amount; like
     # CPython zipfile we infer it from where the central directory really ends.
     prefix = cd_end - cd_size - cd_offset
     if prefix < 0 or cd_end - cd_size < 0:
-        raise FormatError(
+        raise BadHeaderError(
             f"{key}: central directory ({cd_size} bytes at offset {cd_offset}) does not fit before "
-            f"the end record at {cd_end}"
+            f"the end record at {cd_end}",
+            path=key,
+            offset=cd_end,
         )
     if prefix:
         problems.append(f"{prefix} bytes precede the zip archive (torch.load refuses such a file)")
     cd_start = prefix + cd_offset
     raw = store.get(key, cd_start, cd_start + cd_size) if cd_size else b""
     if len(raw) != cd_size:
-        raise FormatError(f"{key}: central directory runs past the end of the file")
+        ended = cd_start + len(raw)
+        raise TruncatedError(
+            f"{key}: central directory runs past the end of the file",
+            path=key,
+            offset=ended,
+            expected=cd_start + cd_size,
+            actual=ended,
+        )
     entries = _parse_central_directory(key, raw, n_total, prefix, cd_start)
     archive = ZipArchive(key, size, prefix, entries, cd_start, zip64, problems)
     for entry in entries:
@@ -142,7 +162,13 @@ def read_zip(store: Store, key: str, *, max_entries: int = MAX_ENTRIES) -> ZipAr
 def _find_eocd(store: Store, key: str, size: int) -> tuple[int, bytes, list[str]]:
     """Locate the end-of-central-directory record, searching backwards as zip readers do."""
     if size < EOCD_SIZE:
-        raise FormatError(f"{key}: {size} bytes, too short for a zip archive")
+        raise TruncatedError(
+            f"{key}: {size} bytes, too short for a zip archive",
+            path=key,
+            offset=size,
+            expected=EOCD_SIZE,
+            actual=size,
+        )
     for window in (TAIL_GUESS, EOCD_SIZE + MAX_COMMENT + ZIP64_LOCATOR_SIZE):
         start = max(0, size - window)
         tail = store.get(key, start, size)
@@ -159,7 +185,11 @@ def _find_eocd(store: Store, key: str, size: int) -> tuple[int, bytes, list[str]
             pos = tail.rfind(EOCD_SIG, 0, pos)
         if start == 0:
             break
-    raise FormatError(f"{key}: no zip end-of-central-directory record: the file is truncated or not a zip")
+    raise BadHeaderError(
+        f"{key}: no zip end-of-central-directory record: the file is truncated or not a zip",
+        path=key,
+        offset=None,
+    )
 
 
 def _read_zip64_end(
@@ -183,7 +213,7 @@ def _read_zip64_end(
             if record[:4] == ZIP64_EOCD_SIG:
                 disk, cd_disk, n_disk, n_total, cd_size, cd_offset = struct.unpack_from("<2L4Q", record, 16)
                 return pos, disk, cd_disk, n_disk, n_total, cd_size, cd_offset
-    raise FormatError(f"{key}: ZIP64 locator points at no ZIP64 end record")
+    raise BadHeaderError(f"{key}: ZIP64 locator points at no ZIP64 end record", path=key, offset=locator_pos)
 
 
 def _parse_central_directory(key: str, raw: bytes, count: int, prefix: int, cd_start: int) -> list[ZipEntry]:
@@ -191,16 +221,22 @@ def _parse_central_directory(key: str, raw: bytes, count: int, prefix: int, cd_s
     pos = 0
     for index in range(count):
         if pos + CENTRAL_SIZE > len(raw) or raw[pos : pos + 4] != CENTRAL_SIG:
-            raise FormatError(
+            raise BadHeaderError(
                 f"{key}: central directory entry {index} of {count} is missing or corrupt "
-                f"(at offset {cd_start + pos})"
+                f"(at offset {cd_start + pos})",
+                path=key,
+                offset=cd_start + pos,
             )
         (flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset) = struct.unpack_from(
             "<4x2H4x3L3H8xL", raw, pos + 4
         )
         after = pos + CENTRAL_SIZE + name_len + extra_len + comment_len
         if after > len(raw):
-            raise FormatError(f"{key}: central directory entry {index} runs past the directory")
+            raise BadHeaderError(
+                f"{key}: central directory entry {index} runs past the directory",
+                path=key,
+                offset=cd_start + pos,
+            )
         name = _decode_name(raw[pos + CENTRAL_SIZE : pos + CENTRAL_SIZE + name_len], flags)
         extra = raw[pos + CENTRAL_SIZE + name_len : pos + CENTRAL_SIZE + name_len + extra_len]
         usize, csize, offset = _apply_zip64_extra(key, name, extra, usize, csize, offset)
@@ -208,15 +244,20 @@ def _parse_central_directory(key: str, raw: bytes, count: int, prefix: int, cd_s
         # A cheap lower bound before any local header is read: header, name and data must
         # all lie before the central directory.
         if header_offset + LOCAL_SIZE + name_len + csize > cd_start:
-            raise FormatError(
+            raise OverlapError(
                 f"{key}: zip entry {name!r} ({csize} bytes at offset {header_offset}) runs past the "
-                f"start of the central directory at {cd_start}"
+                f"start of the central directory at {cd_start}",
+                path=key,
+                first=(header_offset, header_offset + LOCAL_SIZE + name_len + csize),
+                second=(cd_start, cd_start + len(raw)),
             )
         entries.append(ZipEntry(key, name, index, method, flags, crc, csize, usize, header_offset, cd_start))
         pos = after
     if pos != len(raw):
-        raise FormatError(
-            f"{key}: central directory holds {len(raw) - pos} bytes after its {count} stated entries"
+        raise BadHeaderError(
+            f"{key}: central directory holds {len(raw) - pos} bytes after its {count} stated entries",
+            path=key,
+            offset=cd_start + pos,
         )
     return entries
 
@@ -242,7 +283,9 @@ def _apply_zip64_extra(
             values = [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
             needed = [usize == 0xFFFFFFFF, csize == 0xFFFFFFFF, offset == 0xFFFFFFFF]
             if len(values) < sum(needed):
-                raise FormatError(f"{key}: zip entry {name!r} has a short ZIP64 extra field")
+                raise BadHeaderError(
+                    f"{key}: zip entry {name!r} has a short ZIP64 extra field", path=key, offset=None
+                )
             taken = iter(values)
             usize = next(taken) if needed[0] else usize
             csize = next(taken) if needed[1] else csize
@@ -292,8 +335,10 @@ def _local_data_offset(store: Store, entry: ZipEntry, window: bytes, start: int,
     key, rel = entry.file, entry.header_offset - start
     header = window[rel : rel + LOCAL_SIZE]
     if len(header) < LOCAL_SIZE or header[:4] != LOCAL_SIG:
-        raise FormatError(
-            f"{key}: zip entry {entry.name!r} has no local header at offset {entry.header_offset}"
+        raise BadHeaderError(
+            f"{key}: zip entry {entry.name!r} has no local header at offset {entry.header_offset}",
+            path=key,
+            offset=entry.header_offset,
         )
     flags, method, name_len, extra_len = struct.unpack_from("<2x2H16x2H", header, 4)
     name_end = rel + LOCAL_SIZE + name_len
@@ -311,9 +356,12 @@ def _local_data_offset(store: Store, entry: ZipEntry, window: bytes, start: int,
         )
     offset = entry.header_offset + LOCAL_SIZE + name_len + extra_len
     if offset + entry.compressed_size > entry.data_limit:
+        # The directory's end is not at hand here; its start is where the overlap begins.
         raise FormatError(
             f"{key}: zip entry {entry.name!r}: data ({entry.compressed_size} bytes at offset {offset}) "
-            f"runs past the start of the central directory at {entry.data_limit}"
+            f"runs past the start of the central directory at {entry.data_limit}",
+            path=key,
+            offset=entry.data_limit,
         )
     return offset
 
@@ -325,21 +373,29 @@ def read_record(store: Store, archive: ZipArchive, entry: ZipEntry, *, max_size:
     ``max_size`` so a small deflated record cannot expand into gigabytes.
     """
     if entry.size > max_size:
-        raise FormatError(
-            f"{entry.file}: zip entry {entry.name!r} is {entry.size} bytes, over the {max_size} cap"
+        raise LimitExceededError(
+            f"{entry.file}: zip entry {entry.name!r} is {entry.size} bytes, over the {max_size} cap",
+            path=entry.file,
+            offset=entry.header_offset,
+            limit=max_size,
+            actual=entry.size,
         )
     start = data_offsets(store, archive, [entry])[entry.name]
     raw = store.get(entry.file, start, start + entry.compressed_size)
     if entry.method == 0 and entry.compressed_size != entry.size:
-        raise FormatError(
+        raise BadHeaderError(
             f"{entry.file}: stored zip entry {entry.name!r} has compressed size "
-            f"{entry.compressed_size} but size {entry.size}"
+            f"{entry.compressed_size} but size {entry.size}",
+            path=entry.file,
+            offset=entry.header_offset,
         )
     data = b"".join(_decoded(entry, [raw], limit=max_size))
     if len(data) != entry.size:
         raise FormatError(
             f"{entry.file}: zip entry {entry.name!r} inflates to {len(data)} bytes, "
-            f"its header says {entry.size}"
+            f"its header says {entry.size}",
+            path=entry.file,
+            offset=start,
         )
     return data
 
@@ -352,6 +408,12 @@ def crc_check(store: Store, entry: ZipEntry) -> bool:
     off (``torch.serialization.set_crc32_options(False)``); that returns False too, and callers
     that care can tell the cases apart by ``entry.crc32 == 0``.
     """
+    return record_crc(store, entry) == entry.crc32
+
+
+def record_crc(store: Store, entry: ZipEntry) -> int | None:
+    """The CRC-32 of the record's uncompressed bytes, streamed in chunks; None when a deflated
+    record does not inflate (it cannot match any CRC then)."""
     start = data_offset(store, entry)
     end = start + entry.compressed_size
     chunks = (store.get(entry.file, pos, min(end, pos + CRC_CHUNK)) for pos in range(start, end, CRC_CHUNK))
@@ -360,8 +422,8 @@ def crc_check(store: Store, entry: ZipEntry) -> bool:
         for chunk in _decoded(entry, chunks, limit=None):
             crc = zlib.crc32(chunk, crc)
     except FormatError:
-        return False  # a deflate stream that does not inflate cannot match its CRC either
-    return crc == entry.crc32
+        return None
+    return crc
 
 
 def _decoded(entry: ZipEntry, chunks: Iterable[bytes], *, limit: int | None) -> Iterator[bytes]:
@@ -380,13 +442,23 @@ def _decoded(entry: ZipEntry, chunks: Iterable[bytes], *, limit: int | None) -> 
                 out = inflater.decompress(data, CRC_CHUNK)
                 produced += len(out)
                 if limit is not None and produced > limit:
-                    raise FormatError(f"{entry.file}: zip entry {entry.name!r} inflates past {limit} bytes")
+                    raise _inflates_past(entry, limit, produced)
                 yield out
                 data = inflater.unconsumed_tail
         while not inflater.eof and (out := inflater.decompress(b"", CRC_CHUNK)):
             produced += len(out)
             if limit is not None and produced > limit:
-                raise FormatError(f"{entry.file}: zip entry {entry.name!r} inflates past {limit} bytes")
+                raise _inflates_past(entry, limit, produced)
             yield out
     except zlib.error as exc:
         raise FormatError(f"{entry.file}: zip entry {entry.name!r} does not inflate: {exc}") from None
+
+
+def _inflates_past(entry: ZipEntry, limit: int, produced: int) -> LimitExceededError:
+    return LimitExceededError(
+        f"{entry.file}: zip entry {entry.name!r} inflates past {limit} bytes",
+        path=entry.file,
+        offset=entry.header_offset,
+        limit=limit,
+        actual=produced,
+    )

@@ -68,6 +68,7 @@ from ckptkit.distributed import (
     open_shared_attempt,
 )
 from ckptkit.errors import ChecksumMismatchError, ManifestError, NotCommittedError, NotFoundError
+from ckptkit.formats.deepspeed import LATEST, resolve_latest
 from ckptkit.hashing import digest_bytes
 from ckptkit.manifest import FileEntry, Manifest, validate_path
 from ckptkit.safe import safe_globals
@@ -85,7 +86,7 @@ __all__ = [
 ]
 
 LAYOUT = "deepspeed"
-LATEST_NAME = "latest"  # DeepSpeed's own name, so tools that read it keep working
+LATEST_NAME = LATEST  # DeepSpeed's own name, so tools that read it keep working
 
 log = logging.getLogger(__name__)
 
@@ -310,17 +311,17 @@ def save_checkpoint(
 
 def resolve_tag(root: Store, tag: str | None = None) -> str | None:
     """The committed DeepSpeed checkpoint to load: ``tag`` (which must be committed), else the one
-    ``latest`` names if it is committed, else the newest committed one; None if there is none."""
+    ``latest`` names if it is committed, else the newest committed one; None if there is none.
+
+    ``latest`` is read by :func:`ckptkit.formats.deepspeed.resolve_latest`, as everywhere else: one
+    that is oversized, not a directory name, or names a tag with no files is a FormatError."""
     if tag is not None:
         read_manifest(root.child(validate_path(tag)))  # NotCommittedError if it is not committed
         return tag
-    try:
-        pointed: str | None = root.get(LATEST_NAME).decode("utf-8").strip()
-    except (NotFoundError, UnicodeDecodeError):
-        pointed = None
-    if pointed:
+    pointed = resolve_latest(root)  # FormatError when `latest` is malformed or names no tag here
+    if pointed is not None:
         try:
-            if read_manifest(root.child(validate_path(pointed))).layout == LAYOUT:
+            if read_manifest(root.child(pointed)).layout == LAYOUT:
                 return pointed
         except (NotCommittedError, ManifestError, NotFoundError) as exc:
             log.warning(

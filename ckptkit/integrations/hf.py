@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,9 +46,10 @@ from ckptkit.errors import (
     NotFoundError,
     VerificationError,
 )
+from ckptkit.formats.hf_trainer import CHECKPOINT_DIR
+from ckptkit.formats.layout import detect_layout
 from ckptkit.hashing import digest_object
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
-from ckptkit.ops.index import detect_layout
 from ckptkit.ops.verify import VerifyReport, default_jobs, verify_checkpoint
 from ckptkit.storage import Store, open_store
 from ckptkit.storage.local import TEMP_MARKER
@@ -73,8 +73,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRODUCER = "ckptkit.integrations.hf"
-# HF's own pattern (transformers.trainer_utils._re_checkpoint): only these names are resumable.
-_HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 VerifyMode = Literal["full", "quick"]
 
 
@@ -83,7 +81,7 @@ def hf_checkpoint_name(step: int) -> str:
 
 
 def _is_hf_checkpoint(info: CheckpointInfo) -> bool:
-    return _HF_CHECKPOINT.match(info.name) is not None
+    return CHECKPOINT_DIR.fullmatch(info.name) is not None
 
 
 def latest_committed_checkpoint(output_dir: str | os.PathLike[str], *, quick: bool = True) -> str | None:
@@ -151,7 +149,7 @@ def commit_hf_checkpoint(
     if local is not None and checkpoint.capabilities.durable_writes:
         _fsync_files(local, [o.key for o in objects])
         root.sync_prefix(name)
-    layout = detect_layout(checkpoint, [o.key for o in objects], name)
+    layout = detect_layout(o.key for o in objects)
     with ThreadPoolExecutor(max_workers=jobs or default_jobs()) as pool:
         entries = [
             FileEntry.from_digest(o.key, digest_object(checkpoint, o.key, o.size, pool)) for o in objects

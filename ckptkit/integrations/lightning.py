@@ -54,17 +54,17 @@ except ImportError as exc:  # pragma: no cover - the message is the point
         "ckptkit.integrations.lightning needs pytorch-lightning: pip install 'ckptkit[lightning]'"
     ) from exc
 
-from ckptkit.api import native_files, split_parent
 from ckptkit.catalog import list_checkpoints, read_manifest
 from ckptkit.commit import CheckpointTransaction, delete_checkpoint
 from ckptkit.errors import ChecksumMismatchError, FormatError, NotCommittedError, UnstorableValueError
 from ckptkit.hashing import digest_bytes
 from ckptkit.manifest import MANIFEST_NAME, Manifest
 from ckptkit.native import read_native, write_native
+from ckptkit.native.files import native_files
 from ckptkit.native.tree import TreeEncoder, TreePath, describe_type, format_path
 from ckptkit.ops.verify import verify_checkpoint
 from ckptkit.safe import safe_globals
-from ckptkit.storage import Store, open_store
+from ckptkit.storage import Store, open_store, split_parent
 from ckptkit.storage.base import join_key
 
 logger = logging.getLogger(__name__)

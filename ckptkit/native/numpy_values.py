@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ckptkit.errors import FormatError, UnstorableValueError
-from ckptkit.native.tree import TAG, TreePath, describe_type, format_path
+from ckptkit.native.decode import ArrayNode
+from ckptkit.native.nodes import TAG, TreePath, describe_type, format_path
 
 INLINE_LIMIT = 64 << 10
 
@@ -47,31 +48,22 @@ def array_bytes(array: np.ndarray, node: dict[str, Any]) -> memoryview:
     return memoryview(dense.reshape(-1, order=order).view(np.uint8))
 
 
-def decode_array(node: dict[str, Any], data: memoryview | None) -> np.ndarray:
-    """The array of ``node``; ``data`` holds its shard entry's bytes, or None when inline."""
-    dtype = _dtype(node.get("dtype"))
-    shape = node.get("shape")
-    order = node.get("order", "C")
-    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        raise FormatError(f"tree.json: bad ndarray shape {shape!r}")
-    if order not in ("C", "F"):
-        raise FormatError(f"tree.json: bad ndarray order {order!r}")
-    buffer = data if data is not None else bytearray(base64.b64decode(node["b64"], validate=True))
-    expected = math.prod(shape) * dtype.itemsize
-    if len(buffer) != expected:
+def decode_array(node: ArrayNode, data: bytes | memoryview) -> np.ndarray:
+    """The array ``node`` describes over ``data``: its inline bytes, or its shard entry's."""
+    dtype = _dtype(node.dtype)
+    expected = math.prod(node.shape) * dtype.itemsize
+    if len(data) != expected:  # the decoder checked inline bytes; an entry's are checked here
+        where = node.entry.name if node.entry else "(inline)"
         raise FormatError(
-            f"tree.json: ndarray {node.get('entry', '(inline)')} has {len(buffer)} bytes, "
-            f"its dtype and shape need {expected}"
+            f"tree.json: ndarray {where} has {len(data)} bytes, its dtype and shape need {expected}"
         )
-    return np.ndarray(shape, dtype=dtype, buffer=buffer, order=order)
+    # A bytearray copy of inline bytes: an array over immutable bytes would be read-only.
+    buffer = bytearray(data) if isinstance(data, bytes) else data
+    return np.ndarray(node.shape, dtype=dtype, buffer=buffer, order="F" if node.fortran else "C")
 
 
-def decode_scalar(node: dict[str, Any]) -> Any:
-    dtype = _dtype(node.get("dtype"))
-    data = bytes.fromhex(node["hex"])
-    if len(data) != dtype.itemsize:
-        raise FormatError(f"tree.json: numpy scalar of {dtype.str} with {len(data)} bytes")
-    return np.frombuffer(data, dtype=dtype)[0]
+def decode_scalar(node: ArrayNode) -> Any:
+    return np.frombuffer(node.data or b"", dtype=_dtype(node.dtype))[0]
 
 
 def _check_dtype(dtype: np.dtype, path: TreePath) -> None:

@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
-from ckptkit.errors import FormatError
+from ckptkit.errors import FormatError, TruncatedError
 from ckptkit.formats.safetensors import (
     SafetensorsEntry,
     SafetensorsHeader,
-    parse_safetensors_header,
     read_safetensors_header,
 )
 from ckptkit.native.buffers import host_memoryview
@@ -75,12 +74,6 @@ def read_header(store: Store, path: str) -> ShardHeader:
     return header
 
 
-def parse_header(path: str, raw: bytes, file_size: int) -> ShardHeader:
-    header = parse_safetensors_header(path, raw, file_size, strict=True)
-    _check_readable_dtypes(header)
-    return header
-
-
 def _check_readable_dtypes(header: ShardHeader) -> None:
     # The shared parser knows every safetensors dtype; this reader makes torch tensors, so it
     # takes only those torch's safetensors binding maps.
@@ -125,8 +118,15 @@ class ShardReader:
                 if data
                 else torch.empty(0, dtype=torch.uint8)
             )
-        if tensor.numel() * tensor.element_size() != nbytes:
-            raise FormatError(f"{path}: tensor {name!r} is truncated")
+        got = tensor.numel() * tensor.element_size()
+        if got != nbytes:
+            raise TruncatedError(
+                f"{path}: tensor {name!r} is truncated",
+                path=path,
+                offset=start + got,
+                expected=start + nbytes,
+                actual=start + got,
+            )
         return info, tensor
 
     def _read_local(self, path: str, local: str, start: int, nbytes: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The typed-JSON codec of state trees: exact round trips without pickle.
+"""The typed-JSON encoding of state trees: exact round trips without pickle. Reading it back is
+:mod:`ckptkit.native.decode`'s (torch-free, so ``inspect`` reads with the same decoder).
 
 Values JSON holds exactly are written as themselves: ``null``, booleans, strings, ints within
 ±2**53 (what every JSON reader keeps exact), finite floats (Python writes the shortest repr that
@@ -28,48 +29,26 @@ its code.
 from __future__ import annotations
 
 import base64
-import binascii
-import json
 import math
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from ckptkit.errors import FormatError, UnstorableValueError
-from ckptkit.native.dtypes import torch_dtype, torch_name
+from ckptkit.errors import UnstorableValueError
+from ckptkit.native.dtypes import torch_name
+from ckptkit.native.nodes import TAG, Json, TreePath, describe_type, format_path
 from ckptkit.nesting import MAX_TREE_DEPTH
 
-TAG = "t"
 # Ints beyond this magnitude lose precision in JSON readers that use doubles (JavaScript, jq).
 JSON_SAFE_INT = 1 << 53
 _CANONICAL_NAN = 0x7FF8000000000000
 _PAIR_CONTAINERS: dict[type, str] = {dict: "dict", OrderedDict: "odict", Counter: "counter"}
 _SEQUENCES: dict[type, str] = {tuple: "tuple", set: "set", frozenset: "frozenset"}
 _KEY_SCALARS = (type(None), bool, str, int, float, complex, bytes)
-
-Json = Any
-TreePath = tuple[object, ...]
-
-
-def format_path(path: TreePath) -> str:
-    """``state["model"][3]`` for the path ``("model", 3)``."""
-    parts = ["state"]
-    for key in path:
-        shown = json.dumps(key, ensure_ascii=False) if isinstance(key, str) else repr(key)
-        parts.append(f"[{shown}]")
-    return "".join(parts)
-
-
-def describe_type(kind: type) -> str:
-    """``function`` for builtins, ``package.module.Class`` for everything else."""
-    if kind.__module__ == "builtins":
-        return kind.__qualname__
-    return f"{kind.__module__}.{kind.__qualname__}"
-
 
 def encode_float(value: float) -> Json:
     if math.isfinite(value):
@@ -186,88 +165,3 @@ def _check_tensor(tensor: torch.Tensor, path: TreePath) -> None:
         raise UnstorableValueError(format_path(path), "quantized tensor is not storable")
     if tensor.device.type == "meta":
         raise UnstorableValueError(format_path(path), "meta tensor has no data to store")
-
-
-class TreeDecoder:
-    """Turns JSON nodes back into values; ``tensor(i)`` and ``array(node)`` make the leaves."""
-
-    def __init__(
-        self,
-        tensor: Callable[[int], torch.Tensor],
-        array: Callable[[dict[str, Any]], Any],
-    ) -> None:
-        self._tensor = tensor
-        self._array = array
-
-    def decode(self, node: Json) -> Any:
-        if node is None or type(node) in (bool, str, int, float):
-            return node
-        if type(node) is list:
-            return [self.decode(item) for item in node]
-        if type(node) is not dict:
-            raise FormatError(f"tree.json: unexpected JSON value {node!r}")
-        if TAG not in node:
-            return {key: self.decode(item) for key, item in node.items()}
-        tag = node[TAG]
-        try:
-            return self._tagged(tag, node)
-        except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error) as exc:
-            if isinstance(exc, FormatError):
-                raise
-            raise FormatError(f"tree.json: malformed {tag!r} node: {exc!r}") from exc
-
-    def _tagged(self, tag: object, node: dict[str, Any]) -> Any:
-        value = node.get("v")
-        if tag == "int":
-            return int(_expect(value, str, tag), 16)
-        if tag == "float":
-            return decode_float(node)
-        if tag == "complex":
-            real, imag = _expect(value, list, tag)
-            return complex(decode_float(real), decode_float(imag))
-        if tag in ("bytes", "bytearray"):
-            data = base64.b64decode(_expect(value, str, tag), validate=True)
-            return data if tag == "bytes" else bytearray(data)
-        if tag in ("tuple", "set", "frozenset"):
-            items = [self.decode(item) for item in _expect(value, list, tag)]
-            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
-        if tag in ("dict", "odict", "counter"):
-            items = {self.decode(key): self.decode(item) for key, item in _expect(value, list, tag)}
-            # Counter(mapping) copies the counts as they are; Counter(pairs) would count pairs.
-            return {"dict": dict, "odict": OrderedDict, "counter": Counter}[tag](items)
-        if tag == "tensor":
-            return self._tensor(_expect(node.get("i"), int, tag))
-        if tag == "size":
-            return torch.Size(_expect(value, list, tag))
-        if tag == "dtype":
-            return torch_dtype(value, "tree.json")
-        if tag == "device":
-            return torch.device(_expect(value, str, tag))
-        if tag == "ndarray":
-            return self._array(node)
-        if tag == "npscalar":
-            from ckptkit.native import numpy_values
-
-            return numpy_values.decode_scalar(node)
-        raise FormatError(f"tree.json: unknown node type {tag!r}")
-
-
-def decode_float(node: Json) -> float:
-    if type(node) is float:
-        return node
-    if type(node) is not dict or node.get(TAG) != "float" or type(node.get("v")) is not str:
-        raise FormatError(f"tree.json: expected a float, found {node!r}")
-    text = node["v"]
-    if text in ("inf", "-inf"):
-        return float(text)
-    if text == "nan":
-        return float("nan")
-    if text.startswith("nan:") and len(text) == 20:
-        return struct.unpack("<d", struct.pack("<Q", int(text[4:], 16)))[0]
-    raise FormatError(f"tree.json: bad float {text!r}")
-
-
-def _expect(value: Any, kind: type, tag: object) -> Any:
-    if type(value) is not kind:
-        raise FormatError(f"tree.json: {tag!r} node needs a {kind.__name__}, found {value!r}")
-    return value

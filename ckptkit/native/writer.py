@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckptkit.native import jsonfmt
+from ckptkit.native.document import FORMAT_NAME, FORMAT_VERSION
+from ckptkit.native.files import TREE_FILE
 from ckptkit.native.plan import Entry, assign_shards, plan_entries, shard_name
 from ckptkit.native.safetensors_io import shard_chunks
 from ckptkit.native.tree import TreeEncoder
-
-TREE_FILE = "tree.json"
-FORMAT_NAME = "ckptkit.native"
-FORMAT_VERSION = 1
 
 
 class FileSink(Protocol):

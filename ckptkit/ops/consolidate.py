@@ -21,43 +21,35 @@ Differences from DeepSpeed's tool, on purpose:
   metadata and the index metadata (``ckptkit.shared_params``). ``--format torch`` stores both
   names as one shared tensor, which ``torch.save`` preserves.
 
-The output is committed through :class:`CheckpointTransaction` (layout ``files``), after every
-written tensor has been re-read from the staged files and compared (by SHA-256 digest of its
-bytes) with what was meant to be written; a mismatch aborts the commit.
+The plan becomes a :class:`~ckptkit.ops.convert_source.Source` and goes through
+:mod:`ckptkit.ops.pipeline`, the write–reload–commit pipeline ``convert`` uses too: the output is
+committed (layout ``files``) only after every written tensor has been re-read from the staged
+files and compared (sha256 of its bytes) with what was meant to be written.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptkit.commit import CheckpointTransaction
-from ckptkit.errors import FormatError, InvalidURLError, NotFoundError, VerificationError
-from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
+from ckptkit.errors import FormatError, InvalidURLError, NotFoundError
+from ckptkit.formats.deepspeed import check_tag_name, is_tag_directory, resolve_latest, tag_files
 from ckptkit.formats.dtypes import torch_itemsize
-from ckptkit.formats.safetensors_writer import (
-    SHARED_PARAMS_KEY,
-    TORCH_DTYPE,
-    OutTensor,
-    index_name,
-    safetensors_chunks,
-    shard_names,
-    split_shards,
-)
-from ckptkit.formats.torchfile import read_torch_file, top_level_tensors
+from ckptkit.formats.torchfile import read_torch_file
+from ckptkit.ops.convert_source import Source, SourceTensor, read_directory
 from ckptkit.ops.inspect.values import as_tensor
-from ckptkit.ops.tensor_io import Piece, cast, out_dtype, parse_size, prefetched, read_pieces, sha256_of
+from ckptkit.ops.pipeline import WriteReport, dtype_name, make_plan, write_checkpoint
+from ckptkit.ops.tensor_io import Piece, cast_chunks, itemsize_of, out_dtype, parse_size, read_pieces
 from ckptkit.pickle import GlobalRef, TensorRef, VettedObject
-from ckptkit.storage import Store, open_store
+from ckptkit.progress import Progress
+from ckptkit.storage import Store
+from ckptkit.storage.target import resolve_target
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 FORMATS = ("safetensors", "torch")
 _ZERO_STAGE = GlobalRef("deepspeed.runtime.zero.config", "ZeroStageEnum")
 _RANK = re.compile(r"(?:^|_)pp_rank_(\d+)_")
@@ -149,39 +141,44 @@ def _stage_of(value: Any) -> int | None:
     return value if type(value) is int else None
 
 
-def _natural(name: str) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def _resolve_tag(store: Store, tag: str | None) -> tuple[str, list[str]]:
     """The tag directory (key prefix) and its file names: explicit tag, else ``latest``, else SRC itself."""
     names = [o.key for o in store.list("")]
     if not names:
         raise NotFoundError(f"{store.url}: no such file or directory, or it is empty")
+    if tag is None and is_tag_directory(names):
+        return "", [n for n in names if "/" not in n]
     if tag is None:
-        if any(MODEL_STATES.search(n) for n in names if "/" not in n):
-            return "", [n for n in names if "/" not in n]
-        if "latest" not in names:
+        tag = resolve_latest(store)
+        if tag is None:
             raise NotFoundError(f"{store.url}: no 'latest' file and no *_model_states.pt here; pass --tag")
-        tag = store.get("latest", 0, 1024).decode("utf-8", "replace").strip()
-    # The tag comes from a file or a user: one path component, never a path.
-    if not tag or tag in (".", "..") or any(c in tag for c in "/\\\0"):
-        raise InvalidURLError(f"tag {tag[:80]!r} is not a single directory name")
+    else:
+        _check_user_tag(tag)
     inside = [n[len(tag) + 1 :] for n in names if n.startswith(tag + "/")]
     if not inside:
         raise NotFoundError(f"{store.url}/{tag}: tag directory is missing or empty")
     return tag, [n for n in inside if "/" not in n]
 
 
+def _check_user_tag(tag: str) -> None:
+    # The same rule as for a tag read from `latest`, but a user typed it: a usage error.
+    try:
+        check_tag_name(tag, "--tag")
+    except FormatError as exc:
+        raise InvalidURLError(str(exc)) from None
+
+
 def plan_zero(
     src: str | os.PathLike[str] | Store, *, tag: str | None = None, **storage_options: Any
 ) -> ZeroPlan:
     """Read the ZeRO checkpoint's structure (pickles only, no tensor bytes) and plan every tensor."""
-    root = open_store(src, **storage_options)
-    tag, names = _resolve_tag(root, tag)
-    store = root.child(tag) if tag else root
-    optim = sorted((n for n in names if OPTIM_STATES.search(n)), key=_natural)
-    models = sorted((n for n in names if MODEL_STATES.search(n)), key=_natural)
+    found = resolve_target(src, **storage_options)
+    if found.key is not None:
+        raise FormatError(f"{found.url}: a file; consolidate reads a DeepSpeed save dir or tag directory")
+    tag, names = _resolve_tag(found.store, tag)
+    store = found.store.child(tag) if tag else found.store
+    files = tag_files(names)
+    optim, models = files.optim_states, files.model_states
     if not optim or not models:
         raise FormatError(
             f"{store.url}: not a DeepSpeed ZeRO tag directory (no optimizer or model-states files)"
@@ -369,66 +366,64 @@ def _plan_frozen(
         tensors[name] = PlannedTensor(name, "frozen", tuple(shape), fragments[0][1], pieces)
 
 
-# --- reading and casting ---------------------------------------------------------------------------
+# --- the plan as a pipeline source, and lazily as a state dict ----------------------------------------
 
 
-def _chunks(store: Store, t: PlannedTensor) -> Iterator[bytes]:
+def zero_source(plan: ZeroPlan) -> Source:
+    """The planned tensors as a :class:`Source` the write pipeline (and :class:`LazyStateDict`)
+    reads: each stored tensor streams its pieces; a tied alias names its source."""
+    source = Source(plan.store.url, "deepspeed-zero", {}, order=list(plan.tensors))
+    for t in plan.tensors.values():
+        if t.source is not None:
+            source.aliases[t.name] = t.source
+            continue
+        key = t.pieces[0].key if t.pieces else ""
+        source.tensors[t.name] = SourceTensor(
+            t.name, t.src_dtype, t.shape, key, _piece_reader(plan.store, t), kind=t.kind
+        )
+    return source
+
+
+def _piece_reader(store: Store, t: PlannedTensor) -> Callable[[], Iterator[bytes]]:
     """The tensor's bytes in its source dtype, in bounded ranged reads (element-aligned chunks)."""
-    return read_pieces(store, t.pieces, torch_itemsize(t.src_dtype) or 1)
-
-
-def _out_chunks(store: Store, t: PlannedTensor, dtype: str) -> Iterator[bytes | memoryview]:
-    target = out_dtype(t.src_dtype, dtype)
-    for data in _chunks(store, t):
-        yield cast(data, t.src_dtype, target)
-
-
-def _tensor(store: Store, t: PlannedTensor, dtype: str) -> Any:
-    return _tensor_of(_out_tensor(store, t, dtype))
-
-
-def _tensor_of(out: OutTensor) -> Any:
-    import torch
-
-    raw = bytearray()
-    for data in out.chunks():
-        raw += data
-    torch_dtype = getattr(torch, out.dtype)
-    value = torch.frombuffer(raw, dtype=torch_dtype) if raw else torch.empty(0, dtype=torch_dtype)
-    return value.reshape(out.shape)
-
-
-def _as_bytes(value: Any) -> memoryview:
-    import torch
-
-    flat = value.contiguous().reshape(-1)
-    if flat.dtype in (torch.bfloat16, torch.float16):
-        flat = flat.view(torch.int16)  # numpy has no bfloat16; the bytes are what matter
-    elif flat.dtype is torch.bool:
-        flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return lambda: read_pieces(store, t.pieces, itemsize_of(t.src_dtype))
 
 
 class LazyStateDict(Mapping[str, Any]):
-    """A consolidated state dict whose tensors are read (ranged reads) and cast only when accessed.
+    """A state dict whose tensors are read (ranged reads) and cast only when accessed.
 
     Tied aliases load as their own tensor (equal values, not shared storage).
     """
 
-    def __init__(self, store: Store, tensors: dict[str, PlannedTensor], dtype: str) -> None:
-        self._store, self._tensors, self._dtype = store, tensors, dtype
+    def __init__(self, source: Source, dtype: str | None) -> None:
+        self._source, self._dtype = source, dtype
+        self._names = source.names
+
+    def _tensor(self, name: str) -> SourceTensor:
+        if name not in self._source.tensors and name not in self._source.aliases:
+            raise KeyError(name)
+        return self._source.tensors[self._source.aliases.get(name, name)]
 
     def __getitem__(self, name: str) -> Any:
-        return _tensor(self._store, self._tensors[name], self._dtype)
+        import torch
+
+        t = self._tensor(name)
+        target = out_dtype(t.dtype, self._dtype)
+        raw = bytearray()
+        for data in cast_chunks(t.chunks(), t.dtype, target):
+            raw += data
+        torch_dtype = getattr(torch, target)
+        value = torch.frombuffer(raw, dtype=torch_dtype) if raw else torch.empty(0, dtype=torch_dtype)
+        return value.reshape(t.shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._tensors[name].shape
+        return self._tensor(name).shape
 
 
 def zero_state_dict(
@@ -440,194 +435,39 @@ def zero_state_dict(
 ) -> LazyStateDict:
     """The consolidated state dict of a ZeRO checkpoint, lazily: nothing is read until a value is accessed."""
     plan = plan_zero(src, tag=tag, **storage_options)
-    return LazyStateDict(plan.store, plan.tensors, _dtype_name(dtype))
+    return LazyStateDict(zero_source(plan), dtype_name(dtype))
 
 
-# --- writing -----------------------------------------------------------------------------------------
+# --- writing: through the write–reload–commit pipeline --------------------------------------------------
 
 
-@dataclass
-class TensorCheck:
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    kind: str
-    ok: bool
-    problem: str | None = None
-
-
-@dataclass
-class ConsolidateResult:
-    url: str
-    source: str
+@dataclass(kw_only=True)
+class ConsolidateResult(WriteReport):
     tag: str
     stage: int
     world_size: int
-    dtype: str
-    format: str
-    files: list[str]
-    total_size: int
     shared_params: dict[str, str]
-    checks: list[TensorCheck]
-    notes: list[str]
-    seconds: float
-    _output: Store | None = None
-    _entries: dict[str, PlannedTensor] = field(default_factory=dict)
+    _output: Store | None = field(default=None, repr=False)
 
     @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
+    def format(self) -> str:
+        return self.to
+
+    @property
+    def source_label(self) -> str:
+        return f"ZeRO-{self.stage} x{self.world_size} ({self.tag})"
 
     def state_dict(self) -> LazyStateDict:
         """The written output as a lazy state dict (read back from OUT on access)."""
         if self._output is None:
             raise FormatError("no output to read")
-        return LazyStateDict(self._output, self._entries, self.dtype)
+        return LazyStateDict(read_directory(self._output), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ok": self.ok,
-            "url": self.url,
-            "source": self.source,
-            "tag": self.tag,
-            "stage": self.stage,
-            "world_size": self.world_size,
-            "dtype": self.dtype,
-            "format": self.format,
-            "files": self.files,
-            "total_size": self.total_size,
-            "shared_params": self.shared_params,
-            "notes": self.notes,
-            "seconds": round(self.seconds, 3),
-            "tensors": [
-                {
-                    "name": c.name,
-                    "file": c.file,
-                    "dtype": c.dtype,
-                    "shape": list(c.shape),
-                    "nbytes": c.nbytes,
-                    "kind": c.kind,
-                    "ok": c.ok,
-                    **({"problem": c.problem} if c.problem else {}),
-                }
-                for c in self.checks
-            ],
+            **super().to_json(), "tag": self.tag, "stage": self.stage, "world_size": self.world_size,
+            "format": self.format, "shared_params": self.shared_params,
         }
-
-
-def _dtype_name(dtype: str) -> str:
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    if dtype in DTYPES.values():
-        return dtype
-    raise InvalidURLError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-
-
-def _out_tensor(store: Store, t: PlannedTensor, dtype: str) -> OutTensor:
-    return OutTensor(
-        t.name,
-        out_dtype(t.src_dtype, dtype),
-        t.shape,
-        lambda: _out_chunks(store, t, dtype),
-        kind=t.kind,
-        source=t.source,
-    )
-
-
-def _shards(tensors: dict[str, PlannedTensor], store: Store, dtype: str, limit: int) -> list[list[OutTensor]]:
-    """A tensor and its aliases stay in one shard (the alias is written as a copy)."""
-    units: list[list[OutTensor]] = []
-    for t in tensors.values():
-        out = _out_tensor(store, t, dtype)
-        if t.kind == "shared" and units and t.source in {u.name for u in units[-1]}:
-            units[-1].append(out)
-        else:
-            units.append([out])
-    return split_shards(units, limit)
-
-
-@dataclass
-class _Written:
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    kind: str
-    digest: str
-
-
-def _record(written: list[_Written], file: str) -> Callable[[OutTensor, int, str], None]:
-    def on_written(t: OutTensor, nbytes: int, digest: str) -> None:
-        written.append(_Written(t.name, file, t.dtype, t.shape, nbytes, t.kind, digest))
-
-    return on_written
-
-
-def _torch_chunks(shard: list[OutTensor], file: str, written: list[_Written]) -> Iterator[bytes]:
-    import torch
-
-    state: dict[str, Any] = {}
-    for t in shard:
-        # torch.save keeps aliases as one storage, so the tied name costs nothing here.
-        value = state[t.source] if t.kind == "shared" and t.source in state else _tensor_of(t)
-        state[t.name] = value
-        data = _as_bytes(value)
-        dtype_name = str(value.dtype).removeprefix("torch.")
-        written.append(_Written(t.name, file, dtype_name, t.shape, len(data), t.kind, sha256_of([data])))
-    with tempfile.TemporaryFile() as spool:  # torch.save needs a seekable file; stream it from disk
-        torch.save(state, spool)
-        state.clear()
-        spool.seek(0)
-        while chunk := spool.read(8 << 20):
-            yield chunk
-
-
-def _reload_check(
-    files: Store, written: list[_Written], fmt: str, file_keys: dict[str, str]
-) -> tuple[list[TensorCheck], dict[str, PlannedTensor]]:
-    """Re-read every written tensor from the output files and compare its digest and geometry."""
-    from ckptkit.formats.safetensors import read_safetensors_header
-
-    located: dict[str, tuple[str, str, tuple[int, ...], int]] = {}  # name -> (key, dtype, shape, offset)
-    for key in file_keys.values():
-        if fmt == "safetensors":
-            header = read_safetensors_header(files, key)
-            for e in header.entries.values():
-                located[e.name] = (key, TORCH_DTYPE.get(e.dtype, e.dtype), e.shape, e.offset)
-        else:
-            tf = read_torch_file(files, key)
-            for name, ref in top_level_tensors(tf).items():
-                piece = _contiguous_piece(key, ref, name)
-                located[name] = (key, ref.dtype, tuple(ref.shape), piece.offset)
-
-    def check(w: _Written) -> tuple[TensorCheck, PlannedTensor | None]:
-        found = located.get(w.name)
-        problem, entry = None, None
-        if found is None:
-            problem = "missing from the written file"
-        else:
-            key, dtype, shape, offset = found
-            if dtype != w.dtype or tuple(shape) != tuple(w.shape):
-                problem = f"written as {dtype}{list(shape)}, meant {w.dtype}{list(w.shape)}"
-            else:
-                numel = w.nbytes // (torch_itemsize(dtype) or 1)
-                entry = PlannedTensor(w.name, w.kind, tuple(shape), dtype, [Piece(key, offset, numel)])
-                if sha256_of(_chunks(files, entry)) != w.digest:
-                    problem = "bytes read back differ from the bytes meant to be written"
-        ok = problem is None
-        return TensorCheck(w.name, w.file, w.dtype, w.shape, w.nbytes, w.kind, ok, problem), entry
-
-    # Reads and sha256 release the GIL: a few threads re-read tensors side by side.
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptkit-reload") as pool:
-        results = list(pool.map(check, written))
-    checks = [c for c, _ in results]
-    entries = {c.name: e for c, e in results if e is not None}
-    return checks, entries
 
 
 def consolidate_zero(
@@ -638,84 +478,36 @@ def consolidate_zero(
     dtype: str = "fp32",
     max_shard_size: str | int = "5GB",
     fmt: str = "safetensors",
+    progress: Progress | None = None,
     **storage_options: Any,
 ) -> ConsolidateResult:
     """Consolidate the ZeRO checkpoint ``src`` into an HF-style state dict committed at ``out``.
 
     ``src`` is a DeepSpeed save dir (holding ``latest``) or a tag directory; ``out`` any store URL,
-    whose last component becomes the committed checkpoint. Raises :class:`VerificationError` (and
+    whose last component becomes the committed checkpoint. ``progress`` hears of the tensor bytes
+    as they are written. Raises :class:`VerificationError` (and
     commits nothing) if any tensor read back differs from what was written.
     """
-    from ckptkit.api import split_parent
-
     t0 = time.perf_counter()
-    target = _dtype_name(dtype)
+    target = dtype_name(dtype)
     if fmt not in FORMATS:
         raise InvalidURLError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     limit = parse_size(max_shard_size)
-    plan = plan_zero(src, tag=tag, **storage_options)
-    parent, name = split_parent(out)
-    root = open_store(parent, **storage_options)
-    shards = _shards(plan.tensors, plan.store, target, limit)
-    files = shard_names(len(shards), fmt)
-    written: list[_Written] = []
-    shared_json = json.dumps(plan.shared_params, sort_keys=True)
-    meta = {"format": "pt", SHARED_PARAMS_KEY: shared_json, "ckptkit.source": "deepspeed-zero"}
-    with CheckpointTransaction(root, name) as txn:
-        for file, shard in zip(files, shards, strict=True):
-            chunks = prefetched(
-                safetensors_chunks(shard, meta, _record(written, file))
-                if fmt == "safetensors"
-                else _torch_chunks(shard, file, written)
-            )
-            txn.write(file, chunks)
-        total = sum(w.nbytes for w in written)
-        if len(files) > 1:
-            index = {
-                "metadata": {"total_size": total, SHARED_PARAMS_KEY: plan.shared_params},
-                "weight_map": {w.name: w.file for w in written},
-            }
-            txn.write(index_name(fmt), json.dumps(index, indent=2).encode())
-            files.append(index_name(fmt))
-        # Verify the staged bytes before the commit, so a bad output is never committed.
-        checks, entries = _reload_check(
-            txn.files, written, fmt, {f: f for f in files if not f.endswith(".json")}
-        )
-        bad = [c for c in checks if not c.ok]
-        if bad:
-            raise VerificationError(
-                f"{len(bad)} tensor(s) read back differ from what was written: "
-                + ", ".join(f"{c.name} ({c.problem})" for c in bad[:5]),
-                [f"{c.name}: {c.problem}" for c in bad],
-            )
-        manifest = txn.commit(
-            step=plan.global_steps,
-            layout="files",
-            metadata={
-                "consolidated_from": "deepspeed-zero",
-                "zero_stage": plan.stage,
-                "tag": plan.tag,
-                "dtype": dtype,
-                "dp_world_size": plan.world_size,
-            },
-        )
-    output = root.child(name)
-    prefix = os.path.dirname(next((f.path for f in manifest.files), ""))
-    out_files = output.child(prefix) if prefix else output
+    zero = plan_zero(src, tag=tag, **storage_options)
+    plan = make_plan(
+        zero_source(zero), fmt, target, alias_copies=True,
+        metadata={"ckptkit.source": "deepspeed-zero"}, progress=progress,
+    )
+    metadata = {
+        "consolidated_from": "deepspeed-zero", "zero_stage": zero.stage, "tag": zero.tag,
+        "dtype": dtype, "dp_world_size": zero.world_size,
+    }
+    written = write_checkpoint(
+        plan, out, max_shard_size=limit, step=zero.global_steps, metadata=metadata, **storage_options
+    )
     return ConsolidateResult(
-        url=output.url,
-        source=plan.store.url,
-        tag=plan.tag,
-        stage=plan.stage,
-        world_size=plan.world_size,
-        dtype=target,
-        format=fmt,
-        files=files,
-        total_size=total,
-        shared_params=plan.shared_params,
-        checks=checks,
-        notes=plan.notes,
-        seconds=time.perf_counter() - t0,
-        _output=out_files,
-        _entries=entries,
+        url=written.url, source=zero.store.url, to=fmt, dtype=target, files=written.files,
+        total_size=written.total_size, checks=written.checks, notes=zero.notes,
+        seconds=time.perf_counter() - t0, tag=zero.tag, stage=zero.stage, world_size=zero.world_size,
+        shared_params=zero.shared_params, _output=written.root.child(written.name),
     )

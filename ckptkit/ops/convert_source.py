@@ -1,11 +1,12 @@
-"""Tensors of a checkpoint as byte ranges, for ``convert``: read metadata, stream bytes on demand.
+"""Tensors of a checkpoint as byte ranges, for the write pipeline: read metadata, stream bytes on demand.
 
 Each source format is read the way ckptkit's inspectors read it (headers and symbolic pickles
 only), and each tensor becomes a :class:`SourceTensor` whose ``chunks()`` streams its bytes with
 bounded ranged reads. Supported: a ``torch.save`` state dict (zip or legacy), a safetensors
 file, a Hugging Face sharded checkpoint (``*.index.json``), a DCP directory (``.metadata``, each
 item an embedded ``torch.save`` zip) and a committed ckptkit native checkpoint. The same readers
-re-open what ``convert`` wrote, for the reload-and-compare.
+re-open what :mod:`ckptkit.ops.pipeline` wrote (for ``convert`` and ``consolidate``), for the
+reload-and-compare.
 
 Tied tensors: in torch files, two names viewing the same storage bytes with the same geometry;
 in safetensors files, names listed in ``__metadata__["ckptkit.shared_params"]`` (alias ->
@@ -14,6 +15,7 @@ source) but absent from the header; in native checkpoints, two names of one tens
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import posixpath
@@ -21,20 +23,28 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ckptkit.errors import FormatError, NotCommittedError, NotFoundError, UnsafeContentError
-from ckptkit.formats.dcp import METADATA, DcpEntry, read_dcp
+from ckptkit.errors import (
+    FormatError,
+    NotCommittedError,
+    NotFoundError,
+    ReadOnlyStoreError,
+    UnsafeContentError,
+)
+from ckptkit.formats.dcp import DcpEntry, read_dcp
 from ckptkit.formats.hf_index import read_hf_index
+from ckptkit.formats.layout import detect_layout
 from ckptkit.formats.safetensors import read_safetensors_header
 from ckptkit.formats.safetensors_writer import SHARED_PARAMS_KEY, TORCH_DTYPE
 from ckptkit.formats.sniff import detect
 from ckptkit.formats.torchfile import read_torch_file
 from ckptkit.manifest import MANIFEST_NAME
+from ckptkit.native.files import native_files
 from ckptkit.ops.inspect.values import as_tensor
-from ckptkit.ops.scan import UNSAFE_CLASSES
 from ckptkit.ops.tensor_io import Piece, itemsize_of, read_pieces
 from ckptkit.pickle import PickleFormatError, TensorRef
+from ckptkit.pickle.policy import unsafe_names, unvetted_globals
 from ckptkit.storage import Store
-from ckptkit.storage.base import ObjectInfo, StoreCapabilities
+from ckptkit.storage.base import ObjectInfo, StoreCapabilities, normalize_key
 
 _TORCH_KINDS = ("torch-zip", "torch-legacy", "pickle")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -47,6 +57,7 @@ class SourceTensor:
     shape: tuple[int, ...]
     file: str
     chunks: Callable[[], Iterable[bytes | memoryview]]  # raw little-endian bytes, bounded chunks
+    kind: str = "tensor"  # what the source knows it as: consolidate's trainable, frozen, buffer
 
     @property
     def nbytes(self) -> int:
@@ -71,13 +82,6 @@ class Source:
         for alias, source in self.aliases.items():
             after.setdefault(source, []).append(alias)
         return [n for name in self.tensors for n in (name, *after.get(name, []))]
-
-
-def open_source(root: Store, name: str) -> Source:
-    """The tensors of ``name`` below ``root``: a weight file, or a checkpoint directory."""
-    if root.exists(name):
-        return read_file(root, name)
-    return read_directory(root.child(name))
 
 
 def read_file(store: Store, key: str) -> Source:
@@ -110,9 +114,10 @@ def read_directory(store: Store) -> Source:
     if not keys:  # an object store cannot tell a missing prefix from an empty one
         raise NotFoundError(f"{store.url}: no such file or checkpoint directory, or it is empty")
     names = [key for key in keys if "/" not in key]
-    if METADATA in names:
+    layout = detect_layout(names).kind
+    if layout == "dcp":
         return _dcp(files)
-    if "tree.json" in names:
+    if layout == "native":
         raise NotCommittedError(f"{store.url}: a native checkpoint without a committed manifest")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if index in names:
@@ -204,16 +209,14 @@ def _torch_files(store: Store, keys: list[str], kind: str) -> Source:
 
 def _torch_value(store: Store, key: str) -> Any:
     """The symbolic value of a torch.save file, refused if it names anything not vetted (as safe_load)."""
-    from ckptkit.safe import unvetted_globals
-
     try:
         torch_file = read_torch_file(store, key)
     except PickleFormatError as exc:
         # A payload before the break, or behind one of the interpreter's limits, is still a
         # payload: torch.load would run it. Refused as unsafe, not merely as broken.
-        _refuse(key, {g.ref.qualname for g in exc.globals if g.classification in UNSAFE_CLASSES})
+        _refuse(key, unsafe_names(exc.globals))
         raise FormatError(f"{key}: the pickle is broken: {exc}") from None
-    _refuse(key, unvetted_globals(torch_file))
+    _refuse(key, unvetted_globals(torch_file.globals, torch_file.value))
     if torch_file.problems:
         raise FormatError(f"{key}: the file is inconsistent: " + "; ".join(torch_file.problems[:5]))
     return torch_file.value
@@ -223,7 +226,8 @@ def _refuse(key: str, unsafe: set[str]) -> None:
     if unsafe:
         raise UnsafeContentError(
             f"{key}: refused: loading it the usual way would import and call "
-            f"{', '.join(sorted(unsafe))}, which ckptkit has not vetted; nothing was run or written"
+            f"{', '.join(sorted(unsafe))}, which ckptkit has not vetted; nothing was run or written",
+            globals=unsafe,
         )
 
 
@@ -268,45 +272,72 @@ def _piece(key: str, ref: TensorRef) -> Piece:
 
 
 class _RangeStore(Store):
-    """A byte range of one object seen as a store holding one key: DCP embeds a torch.save file per item."""
+    """Bytes ``[offset, offset + length)`` of one object, seen as a read-only store that holds that
+    one key (keys as in the underlying store): DCP embeds a torch.save file per item."""
 
-    capabilities = StoreCapabilities(atomic_rename=False, conditional_create=False, durable_writes=False)
+    capabilities = StoreCapabilities(
+        atomic_rename=False, conditional_create=False, durable_writes=False, read_only=True
+    )
 
-    def __init__(self, store: Store, key: str, offset: int, length: int) -> None:
+    def __init__(self, store: Store, key: str | None, offset: int, length: int) -> None:
+        # key None: a child view that the object does not lie below, holding nothing.
         self._store, self._key, self._offset, self._length = store, key, offset, length
 
     @property
     def url(self) -> str:
-        return f"{self._store.url}/{self._key}@{self._offset}"
+        return self._store.url  # the view's keys are the underlying store's
+
+    def child(self, prefix: str) -> Store:
+        below = self._below(normalize_key(prefix))
+        return _RangeStore(self._store.child(prefix), below, self._offset, self._length)
+
+    def _below(self, prefix: str) -> str | None:
+        """What of the key lies below ``prefix`` (all of it for ""); None if it lies elsewhere."""
+        if self._key is None or not prefix:
+            return self._key
+        return self._key[len(prefix) + 1 :] if self._key.startswith(prefix + "/") else None
+
+    def _check(self, key: str) -> None:
+        if normalize_key(key) != self._key:
+            holds = repr(self._key) if self._key else "nothing"
+            raise NotFoundError(f"{self.url}/{key}: not found (this byte-range view holds {holds})")
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        self._check(key)
         lo = 0 if start is None else min(start, self._length)
         hi = self._length if end is None else min(end, self._length)
         return self._store.get(self._key, self._offset + lo, self._offset + hi) if hi > lo else b""
 
     def head(self, key: str) -> ObjectInfo:
+        self._check(key)
         return ObjectInfo(key, self._length)
 
-    def child(self, prefix: str) -> Store:
-        raise TypeError("a byte range has no children")
-
     def open_read(self, key: str) -> BinaryIO:
-        raise TypeError("a byte range is read with get()")
+        # An item is one tensor's chunk, which convert holds whole anyway.
+        return io.BytesIO(self.get(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        yield ObjectInfo(self._key, self._length)
+        if self._key is not None and self._below(prefix) is not None:
+            yield ObjectInfo(self._key, self._length)
 
     def list_dirs(self, prefix: str = "") -> list[str]:
-        return []
+        below = self._below(prefix)
+        return [below.split("/", 1)[0]] if below and "/" in below else []
 
-    def put(self, key: str, data: Any, mode: Any = "overwrite") -> ObjectInfo:
-        raise TypeError("read-only")
+    def put(self, key: str, data: Any, mode: Any = "overwrite", *, metadata: Any = None) -> ObjectInfo:
+        raise ReadOnlyStoreError(self.url, f"put {key!r}")
 
     def delete(self, key: str) -> None:
-        raise TypeError("read-only")
+        raise ReadOnlyStoreError(self.url, f"delete {key!r}")
+
+    def delete_prefix(self, prefix: str) -> None:
+        raise ReadOnlyStoreError(self.url, f"delete_prefix {prefix!r}")
 
     def copy(self, src: str, dst: str) -> None:
-        raise TypeError("read-only")
+        raise ReadOnlyStoreError(self.url, f"copy {src!r} to {dst!r}")
+
+    def rename_prefix(self, src: str, dst: str) -> None:
+        raise ReadOnlyStoreError(self.url, f"rename_prefix {src!r} to {dst!r}")
 
 
 def _dcp(store: Store) -> Source:
@@ -375,8 +406,6 @@ def _assemble(
 
 
 def _native(store: Store, manifest: Any) -> Source:
-    from ckptkit.api import native_files
-
     return native_source(native_files(store, manifest))
 
 

@@ -24,7 +24,7 @@ from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_UNSAFE, FormatError
 from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.sniff import detect
 from ckptkit.formats.torchfile import MAX_PICKLE_BYTES, TorchFile, read_torch_file
-from ckptkit.ops.scan import open_target, scan_file
+from ckptkit.ops.scan import scan_file, scan_target
 from ckptkit.pickle import NdArray, PickleFormatError, classify
 from ckptkit.pickle.numpy_refs import itemsize
 from ckptkit.pickle.torch_refs import TORCH_DTYPES
@@ -192,7 +192,7 @@ class DoctorReport:
 
 def doctor(path: str | os.PathLike[str] | Store, **storage_options: Any) -> DoctorReport:
     """Diagnose every file torch.load would read below ``path`` (a file, directory or URL)."""
-    target = open_target(path, **storage_options)
+    target = scan_target(path, **storage_options)
     url = os.fspath(path) if not isinstance(path, Store) else path.url
     files = [d for d in (diagnose_file(target.store, key) for key in target.keys) if d is not None]
     return DoctorReport(url, files)

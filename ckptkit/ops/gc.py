@@ -17,6 +17,7 @@ from ckptkit.catalog import read_manifest
 from ckptkit.commit import ATTEMPT_RE, STAGING_MARKER, is_ckptkit_debris_dir
 from ckptkit.errors import InvalidURLError, ManifestError, NotCommittedError, NotFoundError
 from ckptkit.manifest import MANIFEST_NAME
+from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage.base import ObjectInfo, Store, normalize_key
 from ckptkit.storage.local import TEMP_MARKER
 
@@ -145,21 +146,34 @@ def _orphan_attempts(root: Store, top: str, objects: list[ObjectInfo], now: floa
 
 
 def collect_garbage(
-    root: Store, *, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False
+    root: Store,
+    *,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> GcReport:
-    """Remove debris older than ``grace_seconds`` (or only report it, with ``dry_run``)."""
+    """Remove debris older than ``grace_seconds`` (or only report it, with ``dry_run``);
+    ``progress`` hears of the objects and bytes removed."""
     local = root.local_path("")
     if local is not None and not local.is_dir():
         raise NotFoundError(f"{root.url}: no such directory")
     report = GcReport(root.url, dry_run)
     for item in find_debris(root, skipped=report.skipped):
-        if item.age_seconds < grace_seconds:
-            report.kept_young.append(item)
-            continue
-        report.removed.append(item)
-        if not dry_run:
+        (report.kept_young if item.age_seconds < grace_seconds else report.removed).append(item)
+    if not dry_run:
+        _remove(root, report.removed, progress or NO_PROGRESS)
+    return report
+
+
+def _remove(root: Store, items: list[Debris], progress: Progress) -> None:
+    progress.start(sum(d.size for d in items), sum(d.objects for d in items))
+    try:
+        for item in items:
             if item.objects == 1 and item.prefix.rsplit("/", 1)[-1].startswith(TEMP_MARKER):
                 root.delete(item.prefix)
             else:
                 root.delete_prefix(item.prefix)
-    return report
+            progress.advance(item.size)
+            progress.file_done(item.objects)
+    finally:
+        progress.finish()

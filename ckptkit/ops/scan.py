@@ -18,7 +18,6 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_UNSAFE, FormatError, NotFoundError
@@ -26,14 +25,14 @@ from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.sniff import Detected, detect
 from ckptkit.formats.torchfile import MAX_PICKLE_BYTES, read_torch_file
 from ckptkit.pickle import PickleFormatError, load_symbolic
+from ckptkit.pickle.policy import UNSAFE_CLASSES
 from ckptkit.pickle.values import GlobalUse
-from ckptkit.storage import Store, open_store, split_url
-from ckptkit.storage.local import follow_named_path
+from ckptkit.storage import Store
+from ckptkit.storage.target import resolve_target
 
 PROBE_BYTES = 1 << 20  # how much of a non-pickle file is probed as pickle.load would read it
 MAX_MEMBER_BYTES = 256 << 20  # archive members read whole to look for pickles
 MAX_STACKED = 64  # pickles read back to back from one blob (legacy torch writes 5)
-UNSAFE_CLASSES = frozenset({"unknown", "dangerous"})
 PICKLE_KINDS = frozenset({"torch-zip", "torch-legacy", "pickle", "dcp-metadata", "torchscript"})
 # Names that promise content without pickles; a pickle behind one is a disguise (CVE-2025-1889).
 PICKLE_FREE_SUFFIXES = frozenset(
@@ -62,31 +61,15 @@ class Target:
     is_file: bool
 
 
-def open_target(path: str | os.PathLike[str] | Store, **storage_options: Any) -> Target:
+def scan_target(path: str | os.PathLike[str] | Store, **storage_options: Any) -> Target:
     """Open a local path or URL that names either a file or a directory (checkpoint or root)."""
-    if isinstance(path, Store):
-        return Target(path, _all_keys(path), False)
-    text = os.fspath(path)
-    scheme, rest = split_url(text)
-    if scheme in (None, "file", "local"):
-        local = Path(follow_named_path(rest))
-        if local.is_file():
-            return Target(open_store(str(local.parent), **storage_options), [local.name], True)
-        if not local.is_dir():
-            raise NotFoundError(f"{text}: no such file or directory")
-        store = open_store(text, **storage_options)
-        return Target(store, _all_keys(store), False)
-    # An object store has no directories: PATH is a file if its parent lists it as a key.
-    parent, _, name = rest.rstrip("/").rpartition("/")
-    if parent and name:
-        parent_store = open_store(f"{scheme}://{parent}", **storage_options)
-        if parent_store.exists(name):
-            return Target(parent_store, [name], True)
-    store = open_store(text, **storage_options)
-    keys = _all_keys(store)
-    if not keys:
-        raise NotFoundError(f"{text}: no such file, or nothing below it")
-    return Target(store, keys, False)
+    found = resolve_target(path, **storage_options)
+    if found.key is not None:
+        return Target(found.store, [found.key], True)
+    keys = _all_keys(found.store)
+    if not keys and found.store.local_path("") is None:  # a prefix with nothing below it
+        raise NotFoundError(f"{found.url}: no such file, or nothing below it")
+    return Target(found.store, keys, False)
 
 
 def _all_keys(store: Store) -> list[str]:
@@ -174,7 +157,7 @@ class ScanReport:
 
 def scan(path: str | os.PathLike[str] | Store, **storage_options: Any) -> ScanReport:
     """Scan a file, a checkpoint directory or a root (local path or URL); nothing is executed."""
-    target = open_target(path, **storage_options)
+    target = scan_target(path, **storage_options)
     url = os.fspath(path) if not isinstance(path, Store) else path.url
     return ScanReport(url, [scan_file(target.store, key) for key in target.keys])
 

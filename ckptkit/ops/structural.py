@@ -14,18 +14,29 @@ from __future__ import annotations
 import json
 import posixpath
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckptkit.errors import FormatError
 from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.dcp import METADATA, read_dcp
-from ckptkit.formats.deepspeed import GLOBAL_STEP_TAG, MODEL_STATES, OPTIM_STATES
+from ckptkit.formats.deepspeed import (
+    GLOBAL_STEP_TAG,
+    LATEST,
+    MODEL_STATES,
+    OPTIM_STATES,
+    expected_files,
+    is_deepspeed,
+    resolve_latest,
+)
 from ckptkit.formats.hf_index import read_hf_index
+from ckptkit.formats.layout import detect_layout
 from ckptkit.formats.safetensors import read_safetensors_header
 from ckptkit.formats.sniff import detect
 from ckptkit.formats.torchfile import TorchFile, read_torch_file
-from ckptkit.ops.verify import Finding, VerifyReport
+from ckptkit.ops.verify_report import Finding, VerifyReport
+from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage import Store
 
 MAX_JSON_BYTES = 64 << 20
@@ -42,6 +53,7 @@ class _Context:
     store: Store
     report: VerifyReport
     torch_files: dict[str, TorchFile] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # known from the listing: no HEAD per file
     # DCP data files, checked against their .metadata; their bytes are DCP's own layout.
     dcp_data: set[str] = field(default_factory=set)
 
@@ -52,22 +64,25 @@ class _Context:
         self.report.findings.append(Finding(path, kind, message, "warning"))
 
 
-def verify_structure(store: Store, keys: list[str] | None = None) -> VerifyReport:
-    """Check every file below ``store`` (or just ``keys``) for internal consistency; no manifest
-    is needed."""
+def verify_structure(
+    store: Store,
+    keys: list[str] | None = None,
+    sizes: Mapping[str, int | None] | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Check every file below ``store`` (or just ``keys``, whose ``sizes`` the caller may know)
+    for internal consistency; no manifest is needed. ``progress`` hears of each file checked."""
     started = time.perf_counter()
     url = f"{store.url.rstrip('/')}/{keys[0]}" if keys and len(keys) == 1 else store.url
     ctx = _Context(store, VerifyReport(url=url, status="failed"))
-    keys = sorted(info.key for info in store.list("")) if keys is None else sorted(keys)
-    ctx.report.layout = _layout(keys)
-    # .metadata first: the data files it names are checked by the DCP reader, not sniffed.
-    for key in sorted(keys, key=lambda k: posixpath.basename(k) != METADATA):
-        if key in ctx.dcp_data:
-            continue
-        try:
-            _check_file(ctx, key)
-        except FormatError as exc:
-            ctx.error(key, "format", str(exc))
+    if keys is None:
+        ctx.sizes = {info.key: info.size for info in store.list("")}
+        keys = list(ctx.sizes)
+    else:
+        ctx.sizes = {k: size for k, size in (sizes or {}).items() if size is not None}
+    keys = sorted(keys)
+    ctx.report.layout = detect_layout(keys).kind
+    _check_files(ctx, keys, progress or NO_PROGRESS)
     _check_deepspeed(ctx, keys)
     _check_latest(ctx, keys)
     ctx.report.files_checked = len(keys)
@@ -77,13 +92,21 @@ def verify_structure(store: Store, keys: list[str] | None = None) -> VerifyRepor
     return ctx.report
 
 
-def _layout(keys: list[str]) -> str:
-    names = {posixpath.basename(k) for k in keys}
-    if any(MODEL_STATES.search(n) for n in names):
-        return "deepspeed"
-    if "trainer_state.json" in names:
-        return "hf-trainer"
-    return "dcp" if METADATA in names else "files"
+def _check_files(ctx: _Context, keys: list[str], progress: Progress) -> None:
+    # Counted per file, whole: a file's check reads from its header up to all of it (zip CRCs).
+    progress.start(sum(ctx.sizes.get(k, 0) for k in keys), len(keys))
+    try:
+        # .metadata first: the data files it names are checked by the DCP reader, not sniffed.
+        for key in sorted(keys, key=lambda k: posixpath.basename(k) != METADATA):
+            if key not in ctx.dcp_data:
+                try:
+                    _check_file(ctx, key)
+                except FormatError as exc:
+                    ctx.error(key, "format", str(exc))
+            progress.advance(ctx.sizes.get(key, 0))
+            progress.file_done()
+    finally:
+        progress.finish()
 
 
 # --- one file ---------------------------------------------------------------------------------
@@ -95,7 +118,7 @@ _CHECKPOINT_KINDS = frozenset(
 
 
 def _check_file(ctx: _Context, key: str) -> None:
-    found = detect(ctx.store, key)
+    found = detect(ctx.store, key, ctx.sizes.get(key))
     if found.bad:
         suffix = posixpath.splitext(key)[1].lower()
         if found.kind != "unknown" or suffix in _CHECKPOINT_SUFFIXES:
@@ -179,15 +202,7 @@ def _check_tag(ctx: _Context, directory: str, names: set[str], models: list[str]
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     optims = [m for m in map(OPTIM_STATES.search, names) if m]
     prefix = optims[0].group(1) if optims else ""
-    expected: list[str] = []
-    for m in range(mp):
-        if stage == 3:
-            expected += [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp)]
-        else:
-            expected.append(f"mp_rank_{m:02d}_model_states.pt")
-        if stage:
-            expected += [f"{prefix}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for d in range(dp)]
-    missing = [n for n in expected if n not in names]
+    missing = [n for n in expected_files(stage, dp, mp, prefix) if n not in names]
     for name in missing:
         ctx.error(
             posixpath.join(directory, name),
@@ -234,17 +249,16 @@ def _check_partition_count(ctx: _Context, key: str, dp: int) -> None:
 
 
 def _check_latest(ctx: _Context, keys: list[str]) -> None:
-    """DeepSpeed's ``latest`` names a tag directory beside it; it must exist and stay inside."""
+    """DeepSpeed's ``latest`` beside DeepSpeed files must pass the rules every reader applies."""
     for key in keys:
         base = posixpath.dirname(key)
         beside = [k for k in keys if k.startswith(f"{base}/" if base else "")]
-        if posixpath.basename(key) != "latest" or not any(MODEL_STATES.search(k) for k in beside):
+        if posixpath.basename(key) != LATEST or not is_deepspeed(beside):
             continue
-        tag = ctx.store.get(key, 0, 4096).decode("utf-8", "replace").strip()
-        if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
-            ctx.error(key, "deepspeed", f"latest names {tag!r}, not a tag directory beside it")
-        elif not any(k.startswith(posixpath.join(base, tag) + "/") for k in beside):
-            ctx.error(key, "deepspeed", f"latest names tag {tag!r}, which has no files")
+        try:
+            resolve_latest(ctx.store.child(base) if base else ctx.store)
+        except FormatError as exc:
+            ctx.error(key, "deepspeed", str(exc))
 
 
 def _count(value: Any, name: str) -> int | None:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest, step_from_name
 from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction, delete_checkpoint, logical_path
@@ -42,38 +42,16 @@ from ckptkit.errors import (
     NotFoundError,
     VerificationError,
 )
+from ckptkit.formats.deepspeed import LATEST, resolve_latest
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
-from ckptkit.ops.index import build_index_manifest, resolve_deepspeed_latest
-from ckptkit.storage import Store, open_store, split_url
+from ckptkit.ops.index import build_index_manifest
+from ckptkit.progress import NO_PROGRESS, Progress
+from ckptkit.storage import Store, open_store, split_parent, split_url
 from ckptkit.storage.base import join_key
 from ckptkit.transfer import RetryPolicy, already_copied, copy_object, with_retries
 
 Action = Literal["copy", "up-to-date", "delete", "skip-incomplete", "copy-incomplete", "refuse", "conflict"]
 DEFAULT_JOBS = 4
-_DEEPSPEED_LATEST = "latest"
-
-
-class Progress(Protocol):
-    """What ``sync`` reports while it runs (the CLI draws a bar on a terminal)."""
-
-    def start(self, total_bytes: int, total_files: int) -> None: ...
-    def advance(self, nbytes: int) -> None: ...
-    def file_done(self) -> None: ...
-    def finish(self) -> None: ...
-
-
-class _NoProgress:
-    def start(self, total_bytes: int, total_files: int) -> None:
-        pass
-
-    def advance(self, nbytes: int) -> None:
-        pass
-
-    def file_done(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -226,12 +204,6 @@ class SyncTarget:
     single: tuple[str, str] | None
 
 
-def _split(url: str) -> tuple[str, str]:
-    from ckptkit.api import split_parent
-
-    return split_parent(url)
-
-
 def _is_single_checkpoint(store: Store) -> bool:
     """A committed checkpoint, or a directory another tool wrote that names a step and holds
     files at its top level (an HF ``checkpoint-500``, a DeepSpeed ``global_step7``)."""
@@ -243,7 +215,7 @@ def _is_single_checkpoint(store: Store) -> bool:
     return any("/" not in info.key for info in store.list(""))
 
 
-def resolve_target(
+def resolve_sync_target(
     src: str | os.PathLike[str] | Store,
     dst: str | os.PathLike[str] | Store,
     *,
@@ -268,12 +240,12 @@ def _target(
         return SyncTarget(src_store, open_store(dst, **dst_options), None)
     if isinstance(dst, Store):
         raise InvalidURLError("to sync one checkpoint, give the destination as a URL or path")
-    src_parent, src_name = _split(os.fspath(src))
+    src_parent, src_name = split_parent(os.fspath(src))
     dst_text = os.fspath(dst)
     if dst_text.endswith("/"):
         dst_parent, dst_name = dst_text.rstrip("/") or "/", src_name
     else:
-        dst_parent, dst_name = _split(dst_text)
+        dst_parent, dst_name = split_parent(dst_text)
     return SyncTarget(
         open_store(src_parent, **src_options), open_store(dst_parent, **dst_options), (src_name, dst_name)
     )
@@ -399,7 +371,7 @@ class Syncer:
         self.include_incomplete = include_incomplete
         self.index = index
         self.retry = retry or RetryPolicy()
-        self.progress = progress or _NoProgress()
+        self.progress = progress or NO_PROGRESS
         self.names = set(names) if names is not None else None
 
     def plan(self, pool: ThreadPoolExecutor) -> list[CheckpointPlan]:
@@ -699,9 +671,7 @@ class Syncer:
     def _sync_deepspeed_latest(self, outcomes: list[CheckpointOutcome]) -> None:
         """Carry DeepSpeed's ``latest`` over once the tag it names is committed at the destination,
         so DeepSpeed's own loader works there too."""
-        if not self.src_root.exists(_DEEPSPEED_LATEST):
-            return
-        tag = resolve_deepspeed_latest(self.src_root)
+        tag = resolve_latest(self.src_root)
         if tag is None or not any(
             o.name == tag and o.status in ("committed", "up-to-date") for o in outcomes
         ):
@@ -709,17 +679,17 @@ class Syncer:
 
         def write_latest() -> None:
             current = (
-                self.dst_root.get(_DEEPSPEED_LATEST) if self.dst_root.exists(_DEEPSPEED_LATEST) else None
+                self.dst_root.get(LATEST) if self.dst_root.exists(LATEST) else None
             )
             if current is None or current.decode(errors="replace").strip() != tag:
-                self.dst_root.put(_DEEPSPEED_LATEST, tag.encode())
+                self.dst_root.put(LATEST, tag.encode())
 
         try:
-            with_retries(write_latest, self.retry, f"writing {self.dst_root.url}/{_DEEPSPEED_LATEST}")
+            with_retries(write_latest, self.retry, f"writing {self.dst_root.url}/{LATEST}")
         except (CkptkitError, OSError) as exc:  # the checkpoints are committed: report, not raise
             outcomes.append(
                 CheckpointOutcome(
-                    _DEEPSPEED_LATEST,
+                    LATEST,
                     None,
                     "copy",
                     "failed",
@@ -751,7 +721,7 @@ def sync(
     not raised, so one bad checkpoint does not stop the others. Usage errors (a missing source,
     ``--delete`` from an empty source) raise.
     """
-    target = resolve_target(src, dst, src_options=src_options, dst_options=dst_options)
+    target = resolve_sync_target(src, dst, src_options=src_options, dst_options=dst_options)
     syncer = Syncer(
         target,
         jobs=jobs,

@@ -11,55 +11,18 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
-from ckptkit.catalog import list_checkpoints, read_manifest
+from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest
 from ckptkit.errors import ManifestError, NotCommittedError, NotFoundError
 from ckptkit.hashing import chunk_ranges, hash_range
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ckptkit.storage import open_store, split_url
+from ckptkit.ops.structural import verify_structure
+from ckptkit.ops.verify_report import Finding, VerifyReport
+from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage.base import Store
-from ckptkit.storage.local import follow_named_path
-
-Severity = Literal["error", "warning"]
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem: which file, what kind, and for digests the byte range that is wrong."""
-
-    path: str
-    kind: str  # missing | size | digest | unlisted | manifest | incomplete
-    message: str
-    severity: Severity = "error"
-    byte_range: tuple[int, int] | None = None
-
-
-@dataclass
-class VerifyReport:
-    url: str
-    status: str  # ok | failed | not-committed
-    step: int | None = None
-    layout: str | None = None
-    files_checked: int = 0
-    bytes_checked: int = 0
-    quick: bool = False
-    seconds: float = 0.0
-    # Without a manifest: how many files were recognised as checkpoint content by the
-    # structural checks (None when a manifest was verified).
-    checkpoint_files: int | None = None
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not any(f.severity == "error" for f in self.findings)
-
-    def to_json(self) -> dict[str, object]:
-        data = asdict(self)
-        data["ok"] = self.ok
-        return data
+from ckptkit.storage.target import resolve_target
 
 
 def default_jobs() -> int:
@@ -67,8 +30,32 @@ def default_jobs() -> int:
     return max(2, 2 * (os.cpu_count() or 1))
 
 
-def verify_checkpoint(checkpoint: Store, *, quick: bool = False, jobs: int | None = None) -> VerifyReport:
-    """Check the checkpoint rooted at ``checkpoint`` against its committed manifest."""
+@dataclass
+class _Pending:
+    """A checkpoint whose listing was checked against its manifest; its digests come next, once
+    the bytes of every checkpoint in the run are known (one progress total for all of them)."""
+
+    checkpoint: Store
+    report: VerifyReport
+    manifest: Manifest | None = None
+    to_hash: list[FileEntry] = field(default_factory=list)
+
+    @property
+    def bytes_to_hash(self) -> int:
+        return 0 if self.report.quick else sum(e.size for e in self.to_hash)
+
+
+def verify_checkpoint(
+    checkpoint: Store, *, quick: bool = False, jobs: int | None = None, progress: Progress | None = None
+) -> VerifyReport:
+    """Check the checkpoint rooted at ``checkpoint`` against its committed manifest;
+    ``progress`` hears of the bytes hashed."""
+    (report,) = _check_contents([_check_listing(checkpoint, quick)], jobs, progress)
+    return report
+
+
+def _check_listing(checkpoint: Store, quick: bool) -> _Pending:
+    """Presence and sizes: everything but the digests."""
     started = time.perf_counter()
     report = VerifyReport(url=checkpoint.url, status="failed", quick=quick)
     try:
@@ -76,10 +63,10 @@ def verify_checkpoint(checkpoint: Store, *, quick: bool = False, jobs: int | Non
     except NotCommittedError as exc:
         report.status = "not-committed"
         report.findings.append(Finding(MANIFEST_NAME, "manifest", str(exc)))
-        return report
+        return _Pending(checkpoint, report)
     except ManifestError as exc:
         report.findings.append(Finding(MANIFEST_NAME, "manifest", f"invalid manifest: {exc}"))
-        return report
+        return _Pending(checkpoint, report)
     report.step, report.layout = manifest.step, manifest.layout
 
     present = {info.key: info.size for info in checkpoint.list("")}
@@ -107,41 +94,55 @@ def verify_checkpoint(checkpoint: Store, *, quick: bool = False, jobs: int | Non
 
     report.files_checked = len(manifest.files)
     report.bytes_checked = sum(e.size for e in to_hash)
-    if not quick:
-        report.findings.extend(_check_digests(checkpoint, manifest, to_hash, jobs or default_jobs()))
-    report.status = "ok" if report.ok else "failed"
     report.seconds = time.perf_counter() - started
+    return _Pending(checkpoint, report, manifest, to_hash)
+
+
+def _check_contents(
+    pending: list[_Pending], jobs: int | None, progress: Progress | None
+) -> list[VerifyReport]:
+    """The digests of every pending checkpoint, under one progress display."""
+    progress = progress or NO_PROGRESS
+    progress.start(sum(p.bytes_to_hash for p in pending))
+    try:
+        return [_check_content(p, jobs or default_jobs(), progress) for p in pending]
+    finally:
+        progress.finish()
+
+
+def _check_content(pending: _Pending, jobs: int, progress: Progress) -> VerifyReport:
+    report = pending.report
+    if pending.manifest is None:  # no manifest to check against: the listing said why
+        return report
+    started = time.perf_counter()
+    if not report.quick:
+        report.findings.extend(
+            _check_digests(pending.checkpoint, pending.manifest, pending.to_hash, jobs, progress)
+        )
+    report.status = "ok" if report.ok else "failed"
+    report.seconds += time.perf_counter() - started
     return report
 
 
 def verify_path(
-    url: str, *, quick: bool = False, jobs: int | None = None, **storage_options: Any
+    url: str,
+    *,
+    quick: bool = False,
+    jobs: int | None = None,
+    progress: Progress | None = None,
+    **storage_options: Any,
 ) -> list[VerifyReport]:
     """:func:`verify_tree` for a path or URL, which may also name a single file: a file gets
     the structural checks of its format (a file has no manifest of its own)."""
-    from ckptkit.api import split_parent
-    from ckptkit.ops.structural import verify_structure
-
-    scheme, rest = split_url(url)
-    if scheme in (None, "file", "local"):
-        local = follow_named_path(rest)
-        if Path(local).is_file():
-            parent, name = split_parent(local)
-            return [verify_structure(open_store(parent, **storage_options), keys=[name])]
-        return verify_tree(open_store(local, **storage_options), quick=quick, jobs=jobs)
-    store = open_store(url, **storage_options)
-    if "/" in rest.strip("/") and not store.exists(MANIFEST_NAME):
-        parent, name = split_parent(url)
-        parent_store = open_store(parent, **storage_options)
-        if parent_store.exists(name):  # one HEAD: the URL names an object, not a prefix
-            return [verify_structure(parent_store, keys=[name])]
-    return verify_tree(store, quick=quick, jobs=jobs)
+    target = resolve_target(url, **storage_options)
+    if target.key is not None:
+        sizes = {target.key: target.size}
+        return [verify_structure(target.store, keys=[target.key], sizes=sizes, progress=progress)]
+    return verify_tree(target.store, quick=quick, jobs=jobs, progress=progress)
 
 
-def _verify_foreign(store: Store) -> VerifyReport:
-    from ckptkit.ops.structural import verify_structure
-
-    report = verify_structure(store)
+def _verify_foreign(store: Store, progress: Progress | None) -> VerifyReport:
+    report = verify_structure(store, progress=progress)
     if not report.checkpoint_files and report.ok:
         raise NotCommittedError(
             f"{store.url}: no checkpoint here (no {MANIFEST_NAME}, no committed checkpoint below it, "
@@ -152,7 +153,7 @@ def _verify_foreign(store: Store) -> VerifyReport:
 
 
 def _check_digests(
-    checkpoint: Store, manifest: Manifest, entries: list[FileEntry], jobs: int
+    checkpoint: Store, manifest: Manifest, entries: list[FileEntry], jobs: int, progress: Progress
 ) -> list[Finding]:
     work = [
         (entry, index, start, end)
@@ -165,7 +166,7 @@ def _check_digests(
     def check(item: tuple[FileEntry, int, int, int]) -> Finding | None:
         entry, index, start, end = item
         try:
-            actual = hash_range(checkpoint, entry.path, start, end)
+            actual = hash_range(checkpoint, entry.path, start, end, on_bytes=progress.advance)
         except NotFoundError:
             return Finding(entry.path, "missing", f"{entry.path}: removed while verifying")
         if actual == entry.chunks[index]:
@@ -182,36 +183,37 @@ def _check_digests(
     return sorted(found, key=lambda f: (f.path, f.byte_range or (0, 0)))
 
 
-def verify_tree(store: Store, *, quick: bool = False, jobs: int | None = None) -> list[VerifyReport]:
+def verify_tree(
+    store: Store, *, quick: bool = False, jobs: int | None = None, progress: Progress | None = None
+) -> list[VerifyReport]:
     """Verify ``store`` as one checkpoint if it holds a manifest, else every committed checkpoint
     below it; a directory with neither (a checkpoint another tool wrote) gets the structural
     checks that need no manifest (:mod:`ckptkit.ops.structural`)."""
     if store.exists(MANIFEST_NAME):
-        return [verify_checkpoint(store, quick=quick, jobs=jobs)]
+        return [verify_checkpoint(store, quick=quick, jobs=jobs, progress=progress)]
     local = store.local_path("")
     if local is not None and not local.exists():
         raise NotFoundError(f"{store.url}: no such file or directory")
     checkpoints = list_checkpoints(store)
     if not any(c.committed for c in checkpoints):
-        return [_verify_foreign(store)]
-    reports = []
-    for info in checkpoints:
-        # An invalid manifest is verified on its own, so the finding says what is wrong with it.
-        if info.committed or info.status == "invalid":
-            report = verify_checkpoint(store.child(info.name), quick=quick, jobs=jobs)
-            if not info.committed:
-                report.step = info.step  # from its name: the manifest that would say did not parse
-            reports.append(report)
-        else:
-            report = VerifyReport(url=info.url, status="not-committed", step=info.step, quick=quick)
-            report.findings.append(
-                Finding(
-                    info.name, "incomplete",
-                    f"{info.name}: {info.status}, not a committed checkpoint; latest() ignores it"
-                    + (" ('ckptkit gc' removes ckptkit's own debris)" if info.status == "incomplete" else ""),
-                    "warning" if info.status == "incomplete" else "error",
-                )
-            )
-            reports.append(report)
-    return reports
+        return [_verify_foreign(store, progress)]
+    return _check_contents([_listed(store, info, quick) for info in checkpoints], jobs, progress)
 
+
+def _listed(store: Store, info: CheckpointInfo, quick: bool) -> _Pending:
+    # An invalid manifest is verified on its own, so the finding says what is wrong with it.
+    if info.committed or info.status == "invalid":
+        pending = _check_listing(store.child(info.name), quick)
+        if not info.committed:
+            pending.report.step = info.step  # from its name: the manifest that would say did not parse
+        return pending
+    report = VerifyReport(url=info.url, status="not-committed", step=info.step, quick=quick)
+    report.findings.append(
+        Finding(
+            info.name, "incomplete",
+            f"{info.name}: {info.status}, not a committed checkpoint; latest() ignores it"
+            + (" ('ckptkit gc' removes ckptkit's own debris)" if info.status == "incomplete" else ""),
+            "warning" if info.status == "incomplete" else "error",
+        )
+    )
+    return _Pending(store.child(info.name), report)

@@ -6,12 +6,11 @@ This package never imports torch or numpy, and never imports, calls or looks up 
 pickle names.
 """
 
+from ckptkit.pickle.bounds import DEFAULT_LIMITS, Limits
 from ckptkit.pickle.machine import (
     CALL,
-    DEFAULT_LIMITS,
     NEW,
     PERSISTENT_ID,
-    Limits,
     PickleFormatError,
     load_symbolic,
 )

@@ -5,18 +5,39 @@ tree of 10**30 nodes ("billion laughs"). Sharing costs the interpreter nothing, 
 walks the result as a tree (a renderer, ``==``, ``hash`` of a tuple) pays for the expansion, and
 deep nesting overflows recursive walkers. :func:`measure` computes both numbers in time linear in
 the *shared* graph, so the interpreter can refuse such values before anyone walks them.
+:class:`Limits` holds those bounds and the others the interpreter and its recovery walk enforce.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 from ckptkit.pickle.entries import Malformed
 from ckptkit.pickle.torch_refs import TorchSize
 from ckptkit.pickle.values import Opaque, VettedObject
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one pickle may make the interpreter hold or produce.
+
+    The defaults admit any checkpoint pickle seen in practice (a ``data.pkl`` of a few MB uses a
+    small fraction of each). Memory stays proportional to the opcodes run (tens of bytes each),
+    so ``max_ops`` caps it at a few GB; a reader that caps the pickle's size caps it further.
+    """
+
+    max_memo: int = 4_000_000  # memo entries (PUT / MEMOIZE)
+    max_depth: int = 256  # MARK nesting, and nesting of the result and of dict keys
+    max_stack: int = 1_000_000  # values on the stack at once (checked every 4096 opcodes)
+    max_output_nodes: int = 10_000_000  # result size with shared references expanded
+    max_ops: int = 50_000_000  # opcodes executed
+
+
+DEFAULT_LIMITS = Limits()
 
 
 def _mapping(d: Any) -> Iterator[Any]:

@@ -23,11 +23,10 @@ import pickletools
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ckptkit.errors import CkptkitError, FormatError
-from ckptkit.pickle.bounds import Cache, measure
+from ckptkit.pickle.bounds import DEFAULT_LIMITS, Cache, Limits, measure
 from ckptkit.pickle.entries import Entry, Malformed, NotVetted, OpaqueKind
 from ckptkit.pickle.literals import Literals
 from ckptkit.pickle.names import classify, global_ref
@@ -45,35 +44,17 @@ from ckptkit.pickle.values import (
 from ckptkit.pickle.vetted import lookup
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one pickle may make the interpreter hold or produce.
-
-    The defaults admit any checkpoint pickle seen in practice (a ``data.pkl`` of a few MB uses a
-    small fraction of each). Memory stays proportional to the opcodes run (tens of bytes each),
-    so ``max_ops`` caps it at a few GB; a reader that caps the pickle's size caps it further.
-    """
-
-    max_memo: int = 4_000_000  # memo entries (PUT / MEMOIZE)
-    max_depth: int = 256  # MARK nesting, and nesting of the result and of dict keys
-    max_stack: int = 1_000_000  # values on the stack at once (checked every 4096 opcodes)
-    max_output_nodes: int = 10_000_000  # result size with shared references expanded
-    max_ops: int = 50_000_000  # opcodes executed
-
-
-DEFAULT_LIMITS = Limits()
-
-
 class PickleFormatError(FormatError):
     """A pickle that does not parse. It still lists the globals read before the fault.
 
     A scanner must treat a partial parse as a failure *with* findings (``safe-loading.md`` §4
-    item 9): a payload followed by garbage still names its payload.
+    item 9): a payload followed by garbage still names its payload. ``path`` is the pickle's name
+    (a file, or a record inside one: ``archive/data.pkl``) and ``offset`` the byte in the data
+    handed to the interpreter where it stopped.
     """
 
     def __init__(self, message: str, *, offset: int, pickle_name: str, globals: list[GlobalUse]) -> None:
-        super().__init__(message)
-        self.offset = offset
+        super().__init__(message, path=pickle_name or None, offset=offset)
         self.pickle_name = pickle_name
         self.globals = globals
 

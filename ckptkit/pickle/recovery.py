@@ -22,15 +22,13 @@ import pickletools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ckptkit.pickle.bounds import Limits
 from ckptkit.pickle.entries import Malformed
 from ckptkit.pickle.literals import Literals
 from ckptkit.pickle.names import classify, global_ref
 from ckptkit.pickle.values import GlobalRef, GlobalUse
-
-if TYPE_CHECKING:
-    from ckptkit.pickle.machine import Limits
 
 UNRESOLVED = "<unresolved>"
 # Extension codes (EXT1/2/4) name whatever copyreg's registry maps them to in the loading process.

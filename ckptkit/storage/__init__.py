@@ -9,7 +9,16 @@ from ckptkit.errors import BackendMissingError, InvalidURLError
 from ckptkit.storage.base import ObjectInfo, Store, StoreCapabilities, WriteMode
 from ckptkit.storage.local import LocalStore
 
-__all__ = ["LocalStore", "ObjectInfo", "Store", "StoreCapabilities", "WriteMode", "open_store"]
+__all__ = [
+    "LocalStore",
+    "ObjectInfo",
+    "Store",
+    "StoreCapabilities",
+    "WriteMode",
+    "open_store",
+    "split_parent",
+    "split_url",
+]
 
 # scheme -> (package that provides it, how to install it)
 _BACKENDS = {
@@ -30,6 +39,20 @@ def split_url(url: str) -> tuple[str | None, str]:
     if not scheme.isidentifier() and not scheme.replace("-", "").isalnum():
         raise InvalidURLError(f"not a URL or path: {url!r}")
     return scheme.lower(), rest
+
+
+def split_parent(url: str | os.PathLike[str]) -> tuple[str, str]:
+    """``("s3://b/run", "step-1")`` for ``s3://b/run/step-1``; the same for local paths."""
+    text = os.fspath(url).rstrip("/")
+    scheme, sep, rest = text.partition("://")
+    body = rest if sep else text
+    if "/" not in body.strip("/"):
+        if sep:
+            raise InvalidURLError(f"{text!r}: a checkpoint needs a parent (s3://bucket/name at least)")
+        # "/data" lies in the filesystem root, not in the working directory.
+        return ("/", body.lstrip("/")) if body.startswith("/") else (".", body)
+    parent, name = body.rsplit("/", 1)
+    return (f"{scheme}://{parent}" if sep else parent or "/"), name
 
 
 def open_store(url: str | os.PathLike[str] | Store, **options: Any) -> Store:

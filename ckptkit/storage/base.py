@@ -27,11 +27,14 @@ class StoreCapabilities:
     atomic_rename: a whole prefix ("directory") can be renamed atomically (POSIX rename).
     conditional_create: ``put(mode="create")`` is atomic against concurrent writers.
     durable_writes: a successful ``put`` survives power loss (fsync or the service's guarantee).
+    read_only: every write (``put``, ``delete``, ``delete_prefix``, ``copy``, ``rename_prefix``)
+        raises :class:`~ckptkit.errors.ReadOnlyStoreError` and changes nothing.
     """
 
     atomic_rename: bool
     conditional_create: bool
     durable_writes: bool
+    read_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,16 @@ def special_kind(mode: int) -> str | None:
     return _SPECIAL_KINDS.get(stat.S_IFMT(mode), "special file")
 
 
+def _require_regular(path: str, mode: int) -> None:
+    """Refuse what is not an object: a directory (not found, as on an object store) or a link,
+    FIFO, socket or device (:class:`NotRegularFileError`)."""
+    if stat.S_ISDIR(mode):
+        raise NotFoundError(f"{path}: is a directory, not an object")
+    kind = special_kind(mode)
+    if kind is not None:
+        raise NotRegularFileError(path, kind)
+
+
 def _reason(exc: OSError) -> str:
     return "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
 
@@ -172,11 +182,7 @@ class LocalStore(Store):
                 raise
             try:
                 st = os.fstat(fd)
-                if stat.S_ISDIR(st.st_mode):
-                    raise NotFoundError(f"{path}: is a directory, not an object")
-                kind = special_kind(st.st_mode)
-                if kind is not None:
-                    raise NotRegularFileError(path, kind)
+                _require_regular(path, st.st_mode)
             except BaseException:
                 os.close(fd)
                 raise
@@ -208,11 +214,7 @@ class LocalStore(Store):
         path = self._checked_path(key)
         with translate_os_errors(path):
             st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise NotFoundError(f"{path}: is a directory, not an object")
-        kind = special_kind(st.st_mode)
-        if kind is not None:
-            raise NotRegularFileError(path, kind)
+        _require_regular(path, st.st_mode)
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

@@ -18,7 +18,7 @@ from ckptkit.ops.inspect.context import Context
 from ckptkit.ops.inspect.model import find_models
 from ckptkit.ops.inspect.optimizer import find_optimizers
 from ckptkit.ops.inspect.report import VIEWS, InspectReport
-from ckptkit.ops.inspect.resolve import open_target
+from ckptkit.ops.inspect.resolve import inspect_target
 from ckptkit.ops.inspect.resume import Components, check_resume
 from ckptkit.ops.inspect.rng import find_rng
 from ckptkit.ops.inspect.scaler import find_scalers
@@ -51,7 +51,7 @@ def inspect_path(
     unknown = set(views or ()) - set(VIEWS)
     if unknown:
         raise ValueError(f"unknown view(s) {', '.join(sorted(unknown))}; choose from {', '.join(VIEWS)}")
-    target = open_target(path, **storage_options)
+    target = inspect_target(path, **storage_options)
     ctx = Context(target)
     report = InspectReport(target.url, target.name, target.layout, chosen, notes=list(target.notes))
     if "model" in chosen:

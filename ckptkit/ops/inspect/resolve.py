@@ -8,30 +8,21 @@ untrusted input: it must name one existing tag directory next to it, never a pat
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
-from ckptkit.api import native_files, split_parent
 from ckptkit.catalog import latest_checkpoint, read_manifest
-from ckptkit.errors import FormatError, InvalidURLError, NotFoundError
-from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
+from ckptkit.errors import FormatError, NotFoundError
+from ckptkit.formats import deepspeed
+from ckptkit.formats.hf_trainer import NOT_READ, TRAINER_STATE, newest_checkpoint
+from ckptkit.formats.layout import detect_layout
 from ckptkit.formats.sniff import detect
 from ckptkit.manifest import MANIFEST_NAME
-from ckptkit.storage import Store, open_store, split_url
+from ckptkit.native.files import native_files
+from ckptkit.storage import Store
 from ckptkit.storage.base import ObjectInfo
-from ckptkit.storage.local import follow_named_path
+from ckptkit.storage.target import resolve_target
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-TRAINER_STATE = "trainer_state.json"
-NATIVE_TREE = "tree.json"
-DCP_METADATA = ".metadata"
-MAX_LATEST_BYTES = 1024
-# Files resuming never reads and that only their own code can load.
-NOT_READ = {
-    "training_args.bin": "a pickled TrainingArguments: loading it needs transformers' code, "
-    "and resuming does not read it",
-}
-_HF_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass
@@ -64,28 +55,17 @@ class Target:
         return f"{base}/{self.name}" if self.layout == "file" else base
 
 
-def open_target(path: str | os.PathLike[str] | Store, **storage_options: object) -> Target:
+def inspect_target(path: str | os.PathLike[str] | Store, **storage_options: object) -> Target:
     """Resolve a path or URL (file or directory) or an open store (a directory)."""
-    if isinstance(path, Store):
-        return resolve_directory(path)
-    text = os.fspath(path).rstrip("/") or "/"
-    if split_url(text)[0] is None:
-        text = follow_named_path(text)
-    try:
-        parent_url, name = split_parent(text)
-    except InvalidURLError:  # s3://bucket: a directory with no parent
-        return resolve_directory(open_store(text, **storage_options))
-    parent = open_store(parent_url, **storage_options)
-    try:
-        parent.head(name)
-    except NotFoundError:
-        return resolve_directory(parent.child(name))
-    return resolve_file(parent, name)
+    found = resolve_target(path, **storage_options)
+    if found.key is not None:
+        return resolve_file(found.store, found.key, found.size)
+    return resolve_directory(found.store)
 
 
-def resolve_file(store: Store, key: str) -> Target:
+def resolve_file(store: Store, key: str, size: int | None = None) -> Target:
     target = Target(store, key.rsplit("/", 1)[-1], "file")
-    found = detect(store, key)
+    found = detect(store, key, size)
     if found.kind in ("torch-zip", "torch-legacy", "pickle"):
         target.torch_files.append(key)
     elif found.kind == "safetensors":
@@ -106,17 +86,18 @@ def resolve_directory(store: Store) -> Target:
     files = {o.key: o for o in objects if "/" not in o.key}
     dirs = sorted({o.key.split("/", 1)[0] for o in objects if "/" in o.key})
     name = store.url.rstrip("/").rsplit("/", 1)[-1]
-    if MANIFEST_NAME in files and NATIVE_TREE not in files:
-        manifest = read_manifest(store)
+    layout = detect_layout(files).kind  # of this directory's own files: a root's are below
+    if MANIFEST_NAME in files and layout != "native":
+        manifest = read_manifest(store)  # committed: the manifest says what it is
         if manifest.layout == "native":
             return Target(store, name, "native", native=native_files(store, manifest))
-    if NATIVE_TREE in files:
+    if layout == "native":
         return Target(store, name, "native", native=store)
-    if DCP_METADATA in files:
+    if layout == "dcp":
         return Target(store, name, "dcp", dcp_prefix="")
     target = Target(store, name, "directory")
     _collect_files(target, files)
-    target.deepspeed = _deepspeed(store, files, dirs, objects)
+    target.deepspeed = _deepspeed(store, files, objects)
     if target.deepspeed is not None or target.trainer_state or target.torch_files or target.safetensors:
         target.layout = _layout(target)
         return target
@@ -131,7 +112,7 @@ def _collect_files(target: Target, files: dict[str, ObjectInfo]) -> None:
             target.trainer_state = key
         elif key.endswith(".safetensors"):
             target.safetensors.append(key)
-        elif key.endswith(TORCH_SUFFIXES) and not MODEL_STATES.search(key) and not OPTIM_STATES.search(key):
+        elif key.endswith(TORCH_SUFFIXES) and not deepspeed.is_deepspeed([key]):
             target.torch_files.append(key)
 
 
@@ -142,24 +123,15 @@ def _layout(target: Target) -> str:
     return "+".join(parts) or "directory"
 
 
-def _deepspeed(
-    store: Store, files: dict[str, ObjectInfo], dirs: list[str], objects: list[ObjectInfo]
-) -> DeepSpeedTag | None:
-    if any(MODEL_STATES.search(key) for key in files):  # the tag directory itself
+def _deepspeed(store: Store, files: dict[str, ObjectInfo], objects: list[ObjectInfo]) -> DeepSpeedTag | None:
+    if deepspeed.is_tag_directory(files):  # the tag directory itself
         name = store.url.rstrip("/").rsplit("/", 1)[-1]
         return _tag(name, "", list(files))
-    if "latest" not in files:
+    tag = deepspeed.resolve_latest(store) if deepspeed.LATEST in files else None
+    if tag is None:
         return None
-    raw = store.get("latest", 0, MAX_LATEST_BYTES)
-    tag = raw.decode("utf-8", "replace").strip()
-    # DeepSpeed joins the tag onto the save dir: only one existing directory name is acceptable.
-    if not tag or tag in (".", "..") or any(c in tag for c in "/\\\0") or tag not in dirs:
-        raise FormatError(
-            f"{store.url}/latest names {tag[:80]!r}, which is not a tag directory next to it "
-            f"(tags here: {', '.join(dirs) or 'none'})"
-        )
     inside = [o.key[len(tag) + 1 :] for o in objects if o.key.startswith(tag + "/")]
-    found = _tag(tag, tag, [key for key in inside if "/" not in key])
+    found = _tag(tag, tag, inside)
     if not found.model_states:
         raise FormatError(f"{store.url}/latest names {tag!r}, which holds no *_model_states.pt files")
     found.latest = tag
@@ -167,24 +139,15 @@ def _deepspeed(
 
 
 def _tag(tag: str, prefix: str, names: list[str]) -> DeepSpeedTag:
-    def keys(pattern: re.Pattern[str]) -> list[str]:
-        chosen = sorted((n for n in names if pattern.search(n)), key=natural_key)
-        return [f"{prefix}/{n}" if prefix else n for n in chosen]
-
-    return DeepSpeedTag(prefix, tag, keys(MODEL_STATES), keys(OPTIM_STATES))
-
-
-def natural_key(name: str) -> list[object]:
-    """rank_10 after rank_9, as DeepSpeed's own loader sorts rank files."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    files = deepspeed.tag_files(names, prefix)
+    return DeepSpeedTag(prefix, tag, files.model_states, files.optim_states)
 
 
 def _descend(store: Store, dirs: list[str]) -> Target:
     # A run directory: resume takes its newest checkpoint (Trainer's get_last_checkpoint picks
     # the highest checkpoint-N; ckptkit's own roots the latest committed manifest).
-    steps = {int(m.group(1)): d for d in dirs if (m := _HF_CHECKPOINT.fullmatch(d))}
-    if steps:
-        chosen = steps[max(steps)]
+    chosen = newest_checkpoint(dirs)
+    if chosen is not None:
         target = resolve_directory(store.child(chosen))
         target.notes.insert(0, f"{store.url} is a run directory: inspecting its newest checkpoint, {chosen}")
         return target

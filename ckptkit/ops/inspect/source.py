@@ -17,8 +17,8 @@ from ckptkit.errors import FormatError
 from ckptkit.formats.safetensors import SafetensorsHeader, read_safetensors_header
 from ckptkit.formats.torchfile import TorchFile, read_torch_file
 from ckptkit.ops.inspect.values import as_tensor, integral
-from ckptkit.ops.scan import UNSAFE_CLASSES
 from ckptkit.pickle import PickleFormatError, TensorRef
+from ckptkit.pickle.policy import UNSAFE_CLASSES
 from ckptkit.pickle.values import GlobalUse
 from ckptkit.storage.base import Store
 
