@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from ckptkit.commit import logical_path
 from ckptkit.errors import FormatError, TopologyMismatchError
+from ckptkit.formats.native_layout import NATIVE_TREE as TREE_FILE
 from ckptkit.manifest import Manifest
 from ckptkit.storage.base import Store
-
-TREE_FILE = "tree.json"
 
 
 def rank_files(checkpoint: Store, manifest: Manifest) -> list[list[str]] | None:

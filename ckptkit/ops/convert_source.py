@@ -38,7 +38,7 @@ from ckptkit.formats.safetensors_writer import SHARED_PARAMS_KEY, TORCH_DTYPE
 from ckptkit.formats.sniff import detect
 from ckptkit.formats.torchfile import read_torch_file
 from ckptkit.manifest import MANIFEST_NAME
-from ckptkit.native.files import native_files
+from ckptkit.native.files import TREE_FILE, native_files
 from ckptkit.ops.inspect.values import as_tensor
 from ckptkit.ops.tensor_io import Piece, itemsize_of, read_pieces
 from ckptkit.pickle import PickleFormatError, TensorRef
@@ -455,7 +455,7 @@ def _native_tensor(
     numel = math.prod(shape)
     entry = record.get("entry")
     if entry is None or numel == 0:
-        return SourceTensor(name, dtype, shape, "tree.json", lambda: iter(()))
+        return SourceTensor(name, dtype, shape, TREE_FILE, lambda: iter(()))
     spec = document["entries"].get(entry)
     shard = spec.get("shard") if isinstance(spec, dict) else None
     if type(shard) is not int or not 0 <= shard < len(document["shards"]):
