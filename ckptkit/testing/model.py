@@ -52,7 +52,7 @@ def edge_ranges(size: int) -> list[tuple[int | None, int | None]]:
     ranges = {
         (None, None), (0, None), (None, size), (0, size), (None, middle), (middle, None),
         (0, 1), (1, max(1, size - 1)), (max(0, size - 1), size), (middle, middle + 10),
-        (3, 3), (5, 2), (0, size + 10), (size, None), (size, size + 10), (size + 10, None),
+        (None, 0), (0, 0), (3, 3), (5, 2), (0, size + 10), (size, None), (size, size + 10), (size + 10, None),
         (size + 10, size + 20),
     }
     return sorted(ranges, key=lambda r: (r[0] is not None, r[0] or 0, r[1] is not None, r[1] or 0))
