@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
@@ -21,6 +19,7 @@ from ckptkit.ops.sync import same_content
 from ckptkit.ops.verify import verify_checkpoint
 from ckptkit.retention import RetentionPolicy
 from ckptkit.storage import open_store
+from tests.helpers import start_trainer_mid_upload
 
 # Background uploads that run to the end (five tests take 2-20 s here), two from a child process.
 pytestmark = pytest.mark.slow
@@ -89,17 +88,8 @@ CHILD = textwrap.dedent(
 
 def test_killed_mid_upload_the_next_run_finishes_it(tmp_path: Path, s3_bucket: str) -> None:
     remote = f"{s3_bucket}/run"
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path / "run"), remote],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-    assert child.stdout is not None and child.stdout.readline().strip() == "committed"
+    child = start_trainer_mid_upload(CHILD, tmp_path / "run", remote, "step-00000001")
     store = open_store(remote)
-    deadline = time.monotonic() + 60
-    while not any(True for _ in store.list("step-00000001")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the upload is under way
     workers = [
         p
         for p in psutil.Process(child.pid).children(recursive=True)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
@@ -22,6 +19,7 @@ from ckptkit.manager import CheckpointManager
 from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.ops.verify import verify_checkpoint
 from ckptkit.storage import open_store
+from tests.helpers import start_trainer_mid_upload
 
 
 def committed(url: str | Path) -> set[str]:
@@ -52,17 +50,8 @@ CHILD = textwrap.dedent(
 @pytest.mark.slow  # a child killed mid-upload, then the catch-up run, on moto S3
 def test_after_sigkill_the_next_run_deletes_what_retention_deleted(tmp_path: Path, s3_bucket: str) -> None:
     remote = f"{s3_bucket}/run"
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path / "run"), remote],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-    assert child.stdout is not None and child.stdout.readline().strip() == "committed"
+    child = start_trainer_mid_upload(CHILD, tmp_path / "run", remote, "step-00000007")
     store = open_store(remote)
-    deadline = time.monotonic() + 60
-    while not any(True for _ in store.list("step-00000007")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the upload of step 7 is under way
     workers = psutil.Process(child.pid).children(recursive=True)
     child.send_signal(signal.SIGKILL)
     child.wait()
