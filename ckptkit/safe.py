@@ -35,6 +35,7 @@ from ckptkit.pickle.policy import (
     PARAMETER,
     SCALARS,
     is_tensor_with_attributes,
+    refuse_unsafe,
     unsafe_names,
     unvetted_globals,
 )
@@ -219,13 +220,7 @@ def _crc_mismatch(
 
 
 def _refuse(key: str, names: set[str], cause: Exception | None = None) -> None:
-    if names:
-        raise UnsafeContentError(
-            f"{key}: refused: loading it the usual way would import and call "
-            f"{', '.join(sorted(names))}, which ckptkit has not vetted; nothing was run "
-            "('ckptkit scan' shows where each is used)",
-            globals=names,
-        ) from cause
+    refuse_unsafe(key, names, "nothing was run ('ckptkit scan' shows where each is used)", cause)
 
 
 class _Builder:

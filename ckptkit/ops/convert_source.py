@@ -28,7 +28,6 @@ from ckptkit.errors import (
     NotCommittedError,
     NotFoundError,
     ReadOnlyStoreError,
-    UnsafeContentError,
 )
 from ckptkit.formats.dcp import DcpEntry, read_dcp
 from ckptkit.formats.hf_index import read_hf_index
@@ -42,7 +41,7 @@ from ckptkit.native.files import TREE_FILE, native_files
 from ckptkit.ops.inspect.values import as_tensor
 from ckptkit.ops.tensor_io import Piece, itemsize_of, read_pieces
 from ckptkit.pickle import PickleFormatError, TensorRef
-from ckptkit.pickle.policy import unsafe_names, unvetted_globals
+from ckptkit.pickle.policy import refuse_unsafe, unsafe_names, unvetted_globals
 from ckptkit.storage import Store
 from ckptkit.storage.base import ObjectInfo, StoreCapabilities, normalize_key
 
@@ -223,12 +222,7 @@ def _torch_value(store: Store, key: str) -> Any:
 
 
 def _refuse(key: str, unsafe: set[str]) -> None:
-    if unsafe:
-        raise UnsafeContentError(
-            f"{key}: refused: loading it the usual way would import and call "
-            f"{', '.join(sorted(unsafe))}, which ckptkit has not vetted; nothing was run or written",
-            globals=unsafe,
-        )
+    refuse_unsafe(key, unsafe, "nothing was run or written")
 
 
 def _torch_state(source: Source, store: Store, key: str, value: Any) -> None:

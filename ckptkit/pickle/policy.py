@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ckptkit.errors import UnsafeContentError
 from ckptkit.pickle.values import GlobalRef, GlobalUse, Opaque, TensorRef, VettedObject
 
 UNSAFE_CLASSES = frozenset({"unknown", "dangerous"})
@@ -25,6 +26,17 @@ SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None), slice})
 def unsafe_names(uses: Iterable[GlobalUse]) -> set[str]:
     """The qualified names of the globals among ``uses`` that are never acceptable."""
     return {use.ref.qualname for use in uses if use.classification in UNSAFE_CLASSES}
+
+
+def refuse_unsafe(key: str, names: set[str], outcome: str, cause: Exception | None = None) -> None:
+    """Raise :class:`UnsafeContentError` naming ``names`` (if any) that loading ``key`` the usual
+    way would import and call; ``outcome`` says what the refusal spared ("nothing was run")."""
+    if names:
+        raise UnsafeContentError(
+            f"{key}: refused: loading it the usual way would import and call "
+            f"{', '.join(sorted(names))}, which ckptkit has not vetted; {outcome}",
+            globals=names,
+        ) from cause
 
 
 def unvetted_globals(uses: Iterable[GlobalUse], value: Any) -> set[str]:
