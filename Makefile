@@ -25,13 +25,19 @@ $(VENV)/.installed-base: pyproject.toml constraints.txt $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch
-	$(PIP) install -q -e ".[dev,s3,deepspeed]"
+	$(PIP) install -q -e ".[dev,s3,gcs,azure,deepspeed]"
 	touch $@ $(VENV)/.installed-base
+
+# Azurite, the Azure Blob emulator for tests/test_store_azure.py, is an npm package only.
+AZURITE := azurite@3.37.0
+$(VENV)/azurite/.installed: Makefile | $(PY)
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/azurite $(AZURITE)
+	touch $@
 
 demo: $(VENV)/.installed-base
 	$(PY) examples/train_and_resume.py --root runs/demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(VENV)/azurite/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev

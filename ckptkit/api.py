@@ -53,6 +53,7 @@ def save_to(
     replicated: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     collective: bool = True,
+    digest: str | None = None,
 ) -> Manifest:
     """Write ``state`` as checkpoint ``name`` under ``root`` and commit it.
 
@@ -63,11 +64,11 @@ def save_to(
 
     if collective and world()[1] > 1:
         return _save_ranks(
-            root, name, state, replicated=replicated, timeout_s=timeout_s,
+            root, name, state, replicated=replicated, timeout_s=timeout_s, digest=digest,
             write_options={"max_shard_size": max_shard_size, "jobs": jobs},
             manifest_options={"step": step, "metadata": metadata, "metrics": metrics},
         )
-    with CheckpointTransaction(root, name) as txn:
+    with CheckpointTransaction(root, name, digest=digest) as txn:
         write_native(state, txn, max_shard_size=max_shard_size, jobs=jobs)
         return txn.commit(step=step, layout="native", metadata=metadata, metrics=metrics)
 
@@ -79,6 +80,7 @@ def _save_ranks(
     *,
     replicated: bool,
     timeout_s: float,
+    digest: str | None,
     write_options: dict[str, Any],
     manifest_options: dict[str, Any],
 ) -> Manifest:
@@ -92,7 +94,7 @@ def _save_ranks(
             f"{root.url}/{name}: {exc}; to save from this rank alone, pass collective=False"
         ) from exc
     try:
-        attempt = open_shared_attempt(group, root, name)
+        attempt = open_shared_attempt(group, root, name, digest=digest)
         sink = attempt.sink("" if replicated else rank_dir(group.rank))
         failure: Exception | None = None
         outcome: list[FileEntry] | str
@@ -143,6 +145,7 @@ def save(
     replicated: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     collective: bool = True,
+    digest: str | None = None,
     **storage_options: Any,
 ) -> Manifest:
     """Save ``state`` (a nested tree of tensors, containers and scalars) as a checkpoint at ``url``.
@@ -158,12 +161,16 @@ def save(
     :class:`~ckptkit.distributed.DistributedCommitError`, at the latest after ``timeout_s``.
     Every rank returns the committed manifest. ``collective=False`` saves this rank's state
     alone, as a single process would (the ``if rank == 0: save(...)`` pattern).
+
+    ``digest`` is how file contents are hashed into the manifest: ``"blake3"`` (the default) or
+    ``"sha256"`` where a policy requires it; None takes the ``CKPTKIT_DIGEST`` environment
+    variable, then BLAKE3. Either verifies the same way; an unknown name is a ValueError.
     """
     parent, name = split_parent(url)
     return save_to(
         open_store(parent, **storage_options), name, state,
         step=step, metadata=metadata, max_shard_size=max_shard_size, jobs=jobs,
-        replicated=replicated, timeout_s=timeout_s, collective=collective,
+        replicated=replicated, timeout_s=timeout_s, collective=collective, digest=digest,
     )
 
 

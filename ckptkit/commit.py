@@ -23,8 +23,14 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from ckptkit.errors import AlreadyExistsError, CommitConflictError, NotFoundError, StorageError
-from ckptkit.hashing import StreamingDigest
+from ckptkit.errors import (
+    AlreadyExistsError,
+    CommitConflictError,
+    NotFoundError,
+    PermanentStorageError,
+    StorageError,
+)
+from ckptkit.hashing import StreamingDigest, choose_algorithm
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.storage.base import Store, join_key
 
@@ -52,6 +58,19 @@ def is_ckptkit_debris_dir(name: str) -> bool:
     return name.startswith(".") and (STAGING_MARKER in name or TRASH_MARKER in name)
 
 
+def refuse_uncommittable(root: Store) -> None:
+    """Refuse a store where two writers of one step could both "commit": it has neither an
+    atomic rename nor a create-only write that the store itself decides. A check-then-write
+    there would let a concurrent writer's manifest replace ours, so nothing is written."""
+    capabilities = root.capabilities
+    if not (capabilities.atomic_rename or capabilities.conditional_create):
+        raise PermanentStorageError(
+            f"{root.url}: cannot commit a checkpoint here: this store has no atomic rename and "
+            "no create-only write, so a concurrent writer could replace the manifest "
+            "(supported: local disk, s3://, gs://, az://, memory://)"
+        )
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -59,19 +78,21 @@ def _new_id() -> str:
 class FileRecorder:
     """Streams files into ``files``, hashing them on the way, and records their manifest entries
     (paths below ``data_prefix``; ``prefix`` places the files, e.g. a rank's ``rank-00001``).
-    Thread-safe. What a transaction writes with, and each rank of a multi-rank save."""
+    ``digest`` is the algorithm's recorded name (``blake3-tree``). Thread-safe. What a
+    transaction writes with, and each rank of a multi-rank save."""
 
-    def __init__(self, files: Store, data_prefix: str, prefix: str = "") -> None:
+    def __init__(self, files: Store, data_prefix: str, prefix: str = "", *, digest: str) -> None:
         self._files = files
         self._data_prefix = data_prefix
         self._prefix = prefix
+        self.digest = digest
         self._lock = threading.Lock()
         self._entries: dict[str, FileEntry] = {}
 
     def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
         """Stream one file, hashing it on the way."""
         key = join_key(self._prefix, validate_path(path))
-        hasher = StreamingDigest()
+        hasher = StreamingDigest(algorithm=self.digest)
         source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         self._files.put(key, hasher.tee(source))
         entry = FileEntry.from_digest(join_key(self._data_prefix, key), hasher.result())
@@ -100,13 +121,19 @@ class CheckpointTransaction:
     transaction wrote, best effort; ``gc`` removes anything a crash leaves).
     """
 
-    def __init__(self, root: Store, name: str, *, attempt: str | None = None) -> None:
+    def __init__(
+        self, root: Store, name: str, *, attempt: str | None = None, digest: str | None = None
+    ) -> None:
         """``attempt`` (12 hex digits) names this attempt's staging place; a random one by default.
         ``sync`` passes one derived from the source manifest, so a re-run finds what an
-        interrupted run already copied."""
+        interrupted run already copied. ``digest`` (``blake3`` or ``sha256``) is how the files
+        written here are hashed; None is the site's ``CKPTKIT_DIGEST`` or BLAKE3. An unknown
+        name is a ValueError, raised before anything is written."""
+        self.digest = choose_algorithm(digest)
         self.root = root
         self.name = validate_path(name)
         self._done = False
+        refuse_uncommittable(root)
         if root.exists(join_key(name, MANIFEST_NAME)):
             raise CommitConflictError(f"{root.url}/{name} is already committed")
         attempt = attempt or _new_id()
@@ -121,7 +148,7 @@ class CheckpointTransaction:
         # Where this attempt's files live, relative to root.
         self.attempt_key = join_key(self._staging_key, self.data_prefix)
         self.files: Store = root.child(self.attempt_key)
-        self._recorder = FileRecorder(self.files, self.data_prefix)
+        self._recorder = FileRecorder(self.files, self.data_prefix, digest=self.digest)
 
     def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
         """Stream one file into the checkpoint, hashing it on the way. Thread-safe."""

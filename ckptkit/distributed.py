@@ -5,8 +5,9 @@ DeepSpeed checkpoint engine:
 
 1. :func:`open_shared_attempt` (all ranks): rank 0 opens the
    :class:`~ckptkit.commit.CheckpointTransaction` and broadcasts where its files go (the local
-   staging directory, or the object-store attempt prefix ``ckptkit-<id>/``), so that every rank
-   writes into the same attempt. A failure to open reaches every rank.
+   staging directory, or the object-store attempt prefix ``ckptkit-<id>/``) and its digest
+   algorithm, so that every rank writes into the same attempt and hashes as rank 0 chose. A
+   failure to open reaches every rank.
 2. Each rank writes its files through an :class:`AttemptSink`, which hashes them on the way and
    keeps their :class:`~ckptkit.manifest.FileEntry`.
 3. :func:`commit_shared_attempt` (all ranks): the entries, or a rank's failure, are gathered on
@@ -31,6 +32,7 @@ from typing import Any
 from ckptkit.commit import CheckpointTransaction, FileRecorder
 from ckptkit.errors import CkptkitError
 from ckptkit.errors import TopologyMismatchError as TopologyMismatchError  # its documented home
+from ckptkit.hashing import choose_algorithm
 from ckptkit.manifest import FileEntry, Manifest, parse_manifest, validate_path
 from ckptkit.storage.base import Store
 
@@ -127,29 +129,35 @@ class SharedAttempt:
     files: Store  # where every rank's files go (one attempt for all)
     data_prefix: str  # the attempt prefix inside the checkpoint ("" for local staging)
     transaction: CheckpointTransaction | None  # rank 0 only
+    digest: str  # the algorithm every rank hashes its files with (rank 0's choice)
 
     @property
     def where(self) -> str:
         return f"{self.root.url}/{self.name}"
 
     def sink(self, prefix: str = "") -> AttemptSink:
-        return AttemptSink(self.files, self.data_prefix, prefix)
+        return AttemptSink(self.files, self.data_prefix, prefix, digest=self.digest)
 
 
-def open_shared_attempt(group: CommitGroup, root: Store, name: str) -> SharedAttempt:
+def open_shared_attempt(
+    group: CommitGroup, root: Store, name: str, *, digest: str | None = None
+) -> SharedAttempt:
     """Start a save of checkpoint ``name`` that every rank writes into (collective).
 
-    If rank 0 cannot start it (already committed, storage error), rank 0 raises that error and
-    the other ranks raise :class:`DistributedCommitError` quoting it.
+    ``digest`` is as for :class:`CheckpointTransaction`; rank 0's choice (its ``CKPTKIT_DIGEST``
+    where None) holds for every rank, so that one manifest has one algorithm. If rank 0 cannot
+    start it (already committed, storage error), rank 0 raises that error and the other ranks
+    raise :class:`DistributedCommitError` quoting it.
     """
     name = validate_path(name)
-    opened: tuple[str, str] | str = ""
+    choose_algorithm(digest)  # a bad name fails on every rank alike, before any collective
+    opened: tuple[str, str, str] | str = ""
     transaction = None
     failure: Exception | None = None
     if group.rank == 0:
         try:
-            transaction = CheckpointTransaction(root, name)
-            opened = (transaction.attempt_key, transaction.data_prefix)
+            transaction = CheckpointTransaction(root, name, digest=digest)
+            opened = (transaction.attempt_key, transaction.data_prefix, transaction.digest)
         except Exception as exc:  # every rank must learn of it, or the others would wait
             failure = exc
             opened = _describe(exc)
@@ -158,8 +166,8 @@ def open_shared_attempt(group: CommitGroup, root: Store, name: str) -> SharedAtt
         raise failure
     if isinstance(opened, str):
         raise DistributedCommitError(f"{root.url}/{name}: cannot start the save on rank 0: {opened}")
-    files_key, data_prefix = opened
-    return SharedAttempt(root, name, root.child(files_key), data_prefix, transaction)
+    files_key, data_prefix, algorithm = opened
+    return SharedAttempt(root, name, root.child(files_key), data_prefix, transaction, algorithm)
 
 
 # Rank 0's commit step: given the transaction (all ranks' entries added) and every rank's

@@ -12,6 +12,7 @@ from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints
 from ckptkit.commit import delete_checkpoint, step_dir_name
 from ckptkit.distributed import DEFAULT_TIMEOUT_S, world
 from ckptkit.errors import IncompleteListingError, NotCommittedError
+from ckptkit.hashing import choose_algorithm
 from ckptkit.retention import RetentionPolicy
 from ckptkit.storage import Store, open_store
 
@@ -28,7 +29,8 @@ class CheckpointManager:
     checkpoint being written, never one already committed. Retention: ``keep_last``,
     ``keep_every``, ``keep_best`` (+ ``best_mode``), or a :class:`RetentionPolicy` as
     ``retention``; a checkpoint is kept if any rule keeps it, and the newest and the best are
-    never deleted (metrics come from ``save(..., metrics=...)``).
+    never deleted (metrics come from ``save(..., metrics=...)``). ``digest`` is how files are
+    hashed into each manifest, as for :func:`ckptkit.save`.
 
     ``mirror="s3://bucket/run"`` uploads each committed checkpoint there in the background, in
     a niced child process (``save`` waits only for the local commit); retention deletes at the
@@ -54,6 +56,7 @@ class CheckpointManager:
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         jobs: int = 4,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        digest: str | None = None,
         **storage_options: Any,
     ) -> None:
         rules = {"keep_last": keep_last, "keep_every": keep_every, "keep_best": keep_best}
@@ -64,6 +67,8 @@ class CheckpointManager:
         self.max_shard_size = max_shard_size
         self.jobs = jobs
         self.timeout_s = timeout_s
+        # As for ckptkit.save: "blake3" or "sha256"; None defers to CKPTKIT_DIGEST at each save.
+        self.digest = None if digest is None else choose_algorithm(digest)
         self.mirror: Mirror | None = None
         # Under torch.distributed every rank saves its shard and gets the same manifest back;
         # rank 0 alone deletes and uploads (see _is_leader).
@@ -95,7 +100,7 @@ class CheckpointManager:
         manifest = save_to(
             self.root, name, state, step=step, metadata=metadata, metrics=metrics,
             max_shard_size=self.max_shard_size, jobs=self.jobs, replicated=replicated,
-            timeout_s=self.timeout_s,
+            timeout_s=self.timeout_s, digest=self.digest,
         )
         if self._is_leader():
             if self.mirror is not None:

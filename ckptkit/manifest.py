@@ -1,10 +1,15 @@
-"""Manifest v1: the one JSON file that makes a checkpoint exist.
+"""The manifest: the one JSON file that makes a checkpoint exist.
 
 The manifest lists every file of a checkpoint with its size and content digest, and is written
 last. It is validated both when written and when read: paths must stay inside the checkpoint,
-and a manifest from a newer schema is refused rather than guessed at. The JSON Schema shipped in
-``ckptkit/schema/manifest-v1.schema.json`` describes the same rules for other tools;
+and a manifest from a newer schema is refused rather than guessed at. The JSON Schemas shipped in
+``ckptkit/schema/manifest-v<N>.schema.json`` describe the same rules for other tools;
 ``docs/manifest.md`` is the human description.
+
+Each file's digest names its algorithm (``blake3-tree:…``, ``sha256-tree:…``). Schema version 1
+knows SHA-256 only; version 2 lets every file name its own. A manifest whose files are all
+SHA-256 is still written as version 1, so that a ckptkit from before version 2 reads it; any
+other is version 2, which such a ckptkit refuses as "newer, upgrade" instead of misreading it.
 """
 
 from __future__ import annotations
@@ -20,14 +25,15 @@ from typing import Any
 
 from ckptkit import nesting
 from ckptkit.errors import ManifestError, UnsafePathError, UnsupportedSchemaError
-from ckptkit.hashing import ALGORITHM, CHUNK_SIZE, FileDigest
+from ckptkit.hashing import ALGORITHMS, CHUNK_SIZE, SHA256_TREE, FileDigest
 
 MANIFEST_NAME = "ckptkit-manifest.json"
 FORMAT_NAME = "ckptkit.manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this ckptkit reads and writes
+SHA256_ONLY_VERSION = 1  # before per-file algorithms: every digest is sha256-tree
 LAYOUTS = ("native", "deepspeed", "hf-trainer", "dcp", "files")
 
-_DIGEST_RE = re.compile(r"sha256-tree:[0-9a-f]{64}")
+_DIGEST_RE = re.compile(r"(?P<algorithm>[a-z0-9][a-z0-9-]*):[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _MAX_PATH = 4096
@@ -72,6 +78,11 @@ class FileEntry:
     @classmethod
     def from_digest(cls, path: str, digest: FileDigest) -> FileEntry:
         return cls(validate_path(path), digest.size, digest.digest, digest.chunks)
+
+    @property
+    def algorithm(self) -> str:
+        """The digest algorithm of this file (``blake3-tree``), named by its digest's prefix."""
+        return self.digest.partition(":")[0]
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "digest": self.digest, "chunks": list(self.chunks)}
@@ -136,6 +147,13 @@ class Manifest:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def schema_version(self) -> int:
+        """1 while every file is SHA-256, so older readers still read it; else 2."""
+        if all(f.algorithm == SHA256_TREE for f in self.files):
+            return SHA256_ONLY_VERSION
+        return SCHEMA_VERSION
+
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
             if entry.path == path:
@@ -145,18 +163,23 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "checkpoint_id": self.checkpoint_id,
             "step": self.step,
             "created": self.created,
             "layout": self.layout,
             "producer": self.producer,
-            "digest": {"algorithm": ALGORITHM, "chunk_size": self.chunk_size},
+            "digest": self._digest_json(),
             "files": [f.to_json() for f in self.files],
             "topology": self.topology,
             "metadata": self.metadata,
             "metrics": self.metrics,
         }
+
+    def _digest_json(self) -> dict[str, Any]:
+        if self.schema_version == SHA256_ONLY_VERSION:
+            return {"algorithm": SHA256_TREE, "chunk_size": self.chunk_size}
+        return {"chunk_size": self.chunk_size}  # each file's digest names its algorithm
 
     def to_bytes(self) -> bytes:
         try:
@@ -183,7 +206,7 @@ def _require(obj: dict[str, Any], name: str, kinds: type | tuple[type, ...]) -> 
     return value
 
 
-def _parse_file(raw: object, index: int, chunk_size: int) -> FileEntry:
+def _parse_file(raw: object, index: int, chunk_size: int, version: int) -> FileEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"manifest files[{index}] is not an object")
     path = validate_path(raw.get("path"))
@@ -192,8 +215,20 @@ def _parse_file(raw: object, index: int, chunk_size: int) -> FileEntry:
     chunks = _require(raw, "chunks", list)
     if size < 0:
         raise ManifestError(f"{path}: negative size {size}")
-    if not _DIGEST_RE.fullmatch(digest):
-        raise ManifestError(f"{path}: digest {digest!r} is not 'sha256-tree:<64 hex>'")
+    match = _DIGEST_RE.fullmatch(digest)
+    if not match:
+        raise ManifestError(f"{path}: digest {digest!r} is not '<algorithm>:<64 hex>'")
+    algorithm = match["algorithm"]
+    if algorithm not in ALGORITHMS:
+        raise ManifestError(
+            f"{path}: unknown digest algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}); "
+            "a newer ckptkit may know it"
+        )
+    if version == SHA256_ONLY_VERSION and algorithm != SHA256_TREE:
+        raise ManifestError(
+            f"{path}: digest algorithm {algorithm!r} in a schema version 1 manifest, which allows "
+            f"{SHA256_TREE!r} only"
+        )
     if not all(isinstance(c, str) and _HEX_RE.fullmatch(c) for c in chunks):
         raise ManifestError(f"{path}: chunk digests must be 64 lowercase hex characters")
     expected_chunks = max(1, -(-size // chunk_size))
@@ -227,8 +262,11 @@ def parse_manifest(data: bytes) -> Manifest:
     if version < 1:
         raise ManifestError(f"invalid manifest schema version {version}")
     digest_info = _require(obj, "digest", dict)
-    if digest_info.get("algorithm") != ALGORITHM:
-        raise ManifestError(f"unknown digest algorithm {digest_info.get('algorithm')!r}")
+    if version == SHA256_ONLY_VERSION and digest_info.get("algorithm") != SHA256_TREE:
+        raise ManifestError(
+            f"unknown digest algorithm {digest_info.get('algorithm')!r} "
+            f"(a schema version 1 manifest has {SHA256_TREE!r})"
+        )
     chunk_size = digest_info.get("chunk_size")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ManifestError("manifest digest.chunk_size must be a positive integer")
@@ -239,7 +277,7 @@ def parse_manifest(data: bytes) -> Manifest:
     if layout not in LAYOUTS:
         raise ManifestError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
     raw_files = _require(obj, "files", list)
-    files = tuple(_parse_file(raw, i, chunk_size) for i, raw in enumerate(raw_files))
+    files = tuple(_parse_file(raw, i, chunk_size, version) for i, raw in enumerate(raw_files))
     seen: set[str] = set()
     for entry in files:
         if entry.path in seen:

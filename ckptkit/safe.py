@@ -330,7 +330,8 @@ class _Builder:
         chunk by chunk as it arrives, so checking costs no second pass."""
         view = memoryview(out).cast("B")
         crc = 0
-        with self.store.open_read(self.key) as stream:
+        # The storage's end bounds the reader: no request to learn the size, none past the end.
+        with self.store.open_read(self.key, size=offset + len(view)) as stream:
             stream.seek(offset)
             filled = 0
             while filled < len(view):

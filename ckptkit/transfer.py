@@ -29,15 +29,17 @@ from ckptkit.errors import (
     SizeMismatchError,
     StorageError,
 )
-from ckptkit.hashing import IncrementalDigest, digest_object, hashing_pool
+from ckptkit.hashing import DEFAULT_ALGORITHM, IncrementalDigest, digest_object, hashing_pool
 from ckptkit.manifest import FileEntry
 from ckptkit.storage.base import Store
 from ckptkit.storage.fsspec_store import translate_backend_errors
+from ckptkit.storage.s3_multipart import PART_SIZE
 
 T = TypeVar("T")
 
-# Read block of a streamed copy; on S3 each block is one part of the multipart upload.
-COPY_BLOCK = 8 << 20
+# Read block of a streamed copy: on S3 each block is one part of the multipart upload, sent as
+# it was read, without a copy.
+COPY_BLOCK = PART_SIZE
 # Files up to this size are read whole and sent in one request.
 SMALL_FILE = 8 << 20
 # User metadata stored with every synced object, so a re-run can tell a finished upload from a
@@ -125,7 +127,7 @@ def copy_object(
 
     def blocks() -> Iterator[bytes]:
         nonlocal counted
-        hasher = IncrementalDigest()
+        hasher = IncrementalDigest(algorithm=DEFAULT_ALGORITHM if expected is None else expected.algorithm)
         with translate_backend_errors(f"reading {src.url}/{src_key}"), src.open_read(src_key) as reader:
             while block := reader.read(COPY_BLOCK):
                 hasher.update(block)
@@ -143,7 +145,7 @@ def copy_object(
 
     metadata = {DIGEST_METADATA_KEY: expected.digest} if expected is not None else None
     # A small file is read whole and handed over as bytes: one request wherever a stream would
-    # cost more (S3 streams of any size are already one PUT below 8 MiB, see s3_multipart).
+    # cost more (S3 streams are already one PUT up to one part, see s3_multipart).
     small = expected is not None and expected.size <= SMALL_FILE
     try:
         return dst.put(dst_key, b"".join(blocks()) if small else blocks(), metadata=metadata).size
@@ -159,7 +161,8 @@ def already_copied(dst: Store, key: str, size: int | None, expected: FileEntry) 
     if size != expected.size:
         return False
     if dst.local_path(key) is not None:
-        return digest_object(dst, key, size, hashing_pool()).digest == expected.digest
+        found = digest_object(dst, key, size, hashing_pool(), algorithm=expected.algorithm)
+        return found.digest == expected.digest
     try:
         return dst.user_metadata(key).get(DIGEST_METADATA_KEY) == expected.digest
     except NotFoundError:

@@ -11,8 +11,12 @@ import pytest
 from ckptkit.storage import Store, open_store
 
 # Real checkpoints (plain torch, transformers.Trainer, multi-rank DeepSpeed), generated lazily
-# once per session.
-pytest_plugins = ["tests.fixtures.real_checkpoints", "tests.fixtures.faulty_s3"]
+# once per session; the fault-injecting S3 proxy; the GCS and Azure emulators.
+pytest_plugins = [
+    "tests.fixtures.real_checkpoints",
+    "tests.fixtures.faulty_s3",
+    "tests.fixtures.object_stores",
+]
 
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",

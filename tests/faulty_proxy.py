@@ -15,9 +15,15 @@ Which requests may be hit is narrowed by ``predicate(method, path)``; ``limit`` 
 of faults (``limit=1``: exactly the first matching request fails). The draws come from a seeded
 RNG, so a single-threaded client sees the same faults on every run.
 
+``latency`` (seconds, ``FaultyProxy(upstream, latency=0.02)`` or ``set_latency(0.02)``) delays
+every request, faulted or not, once before the proxy acts on it: a network round trip, not a
+queue, so concurrent requests wait concurrently and a client's own concurrency still pays off.
+
 Counters: ``requests`` (by method), ``faults`` (by kind), ``bytes_to_upstream`` (request body
-bytes forwarded: PUT/POST payloads, after removing HTTP chunked framing) and ``log`` (one
-``(method, path, fault or None)`` per request, in arrival order).
+bytes forwarded: PUT/POST payloads, after removing HTTP chunked framing), ``bytes_from_upstream``
+(response body bytes the upstream sent, whether or not a fault then kept them from the client)
+and ``log`` (one ``(method, path, fault or None)`` per request, in arrival order). Benchmarks
+read them with ``stats(reset=True)``: one consistent snapshot per phase, zeroed for the next.
 
 Request bodies may come with Content-Length or ``Transfer-Encoding: chunked`` (streamed through
 as chunked); ``Expect: 100-continue`` is answered by the proxy. Client connections are kept
@@ -34,6 +40,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -78,7 +85,7 @@ class FaultPlan:
 class FaultyProxy:
     """A threaded reverse proxy in front of ``upstream`` that injects faults; see the module doc."""
 
-    def __init__(self, upstream: str, *, seed: int = 0) -> None:
+    def __init__(self, upstream: str, *, seed: int = 0, latency: float = 0.0) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
@@ -90,7 +97,10 @@ class FaultyProxy:
         self.requests: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.bytes_to_upstream = 0
+        self.bytes_from_upstream = 0
         self.log: list[_Logged] = []
+        self._latency = 0.0
+        self.set_latency(latency)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -143,12 +153,35 @@ class FaultyProxy:
     def clear_faults(self) -> None:
         self.set_faults()
 
+    @property
+    def latency(self) -> float:
+        return self._latency
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every request from now on by ``seconds`` (0: none), e.g. 0.02 for real S3."""
+        if not 0 <= seconds < 60:
+            raise ValueError(f"latency must be in [0, 60) seconds, got {seconds!r}")
+        self._latency = float(seconds)
+
     def reset_counters(self) -> None:
         with self._lock:
-            self.requests.clear()
-            self.faults.clear()
-            self.bytes_to_upstream = 0
-            self.log.clear()
+            self._zero_counters()
+
+    def _zero_counters(self) -> None:
+        self.requests.clear()
+        self.faults.clear()
+        self.bytes_to_upstream = self.bytes_from_upstream = 0
+        self.log.clear()
+
+    def stats(self, *, reset: bool = False) -> ProxyStats:
+        """The counters as one consistent snapshot; ``reset`` zeroes them in the same step, so
+        a benchmark's phases each count only their own traffic."""
+        with self._lock:
+            snapshot = ProxyStats(dict(self.requests), dict(self.faults), self.bytes_to_upstream,
+                                  self.bytes_from_upstream)
+            if reset:
+                self._zero_counters()
+        return snapshot
 
     def _choose(self, method: str, path: str) -> tuple[_Logged, float]:
         """Count the request and draw its fault (``fault`` None: forward untouched)."""
@@ -187,14 +220,35 @@ class FaultyProxy:
         with self._lock:
             self.bytes_to_upstream += n
 
+    def _add_downstream_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_from_upstream += n
+
+
+@dataclass(frozen=True)
+class ProxyStats:
+    """What went through the proxy: requests by method, faults by kind, body bytes each way."""
+
+    requests: dict[str, int]
+    faults: dict[str, int]
+    bytes_to_upstream: int
+    bytes_from_upstream: int
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
 
 @dataclass
 class _Logged:
-    """One request as the proxy saw it; unpacks as ``method, path, fault``."""
+    """One request as the proxy saw it; unpacks as ``method, path, fault``. ``headers``: the
+    request headers as received, names lower-cased (what a client really sent, e.g. whether it
+    signed the payload: ``x-amz-content-sha256``)."""
 
     method: str
     path: str
     fault: str | None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[str | None]:
         return iter((self.method, self.path, self.fault))
@@ -228,6 +282,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in separate writes; with Nagle's algorithm the body waits for
+        # the client's delayed ACK (~40 ms on Linux), which would add latency nobody asked for.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server.connections_lock:
             self.server.connections.add(self.connection)
 
@@ -243,6 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _any_method(self) -> None:
         proxy = self.server.proxy
         entry, fraction = proxy._choose(self.command, self.path)
+        entry.headers = {name.lower(): value for name, value in self.headers.items()}
+        if proxy.latency:
+            time.sleep(proxy.latency)  # this handler's own thread: requests wait side by side
         fault = entry.fault
         if fault == "reset_before":
             self._reset()
@@ -256,8 +316,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             response = self._forward(upstream)
             if fault == "reset_after":
-                while response.read(_BLOCK):  # let the upstream finish before the client hears
-                    pass
+                # Let the upstream finish before the client hears.
+                while block := response.read(_BLOCK):
+                    proxy._add_downstream_bytes(len(block))
                 self._reset()
                 return
             self._relay(response, fraction if fault == "truncate" else None, entry)
@@ -340,6 +401,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         sent = 0
         for block in [body] if body is not None else iter(lambda: response.read(_BLOCK), b""):
+            self.server.proxy._add_downstream_bytes(len(block))
             if cut is not None:
                 block = block[: max(cut - sent, 0)]
             if block:

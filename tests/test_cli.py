@@ -105,7 +105,6 @@ def test_gc_dry_run_and_removal(root: Path) -> None:
         (["-o", "endpoint_url=http://x", "ls", "/tmp"], 2, "do not apply to local path"),
         (["ls", "/nonexistent/ckpt"], 0, "no checkpoints under"),
         (["index", "/nonexistent/ckpt"], 4, "no files to index"),
-        (["verify", "gs://bucket/x"], 4, "needs the 'gcsfs' package"),
         (["verify", "nosuchscheme://x/y"], 2, "unknown URL scheme"),
         (["frobnicate"], 2, "No such command"),
     ],
@@ -114,6 +113,17 @@ def test_bad_input_gets_one_clear_line(args: list[str], code: int, message: str)
     out = run(*args)
     assert out.returncode == code, out.stdout + out.stderr
     assert message in out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_missing_backend_package_is_named_with_its_install_command() -> None:
+    # gcsfs is installed for the GCS tests; a None entry in sys.modules makes its import fail
+    # as on a machine without it.
+    blocked = "import sys; sys.modules['gcsfs'] = None; from ckptkit.cli.main import main; main()"
+    command = [sys.executable, "-c", blocked, "verify", "gs://bucket/x"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert "needs the 'gcsfs' package" in out.stderr and "pip install 'ckptkit[gcs]'" in out.stderr
     assert "Traceback" not in out.stderr
 
 

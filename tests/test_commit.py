@@ -133,3 +133,19 @@ def _digest_into_file(data: bytes, path: str) -> None:
 
     with open(path, "w") as f:
         f.write(digest_bytes(data).digest)
+
+
+def test_store_without_an_atomic_commit_is_refused_before_anything_is_written(tmp_path) -> None:
+    """An fsspec store with neither an atomic rename nor a create-only write (here fsspec's own
+    "file" filesystem, which ckptkit's LocalStore normally replaces) cannot commit safely: a
+    concurrent writer's check-then-write could replace the manifest. It is refused, nothing is
+    written."""
+    import fsspec
+
+    from ckptkit.errors import PermanentStorageError
+    from ckptkit.storage.fsspec_store import FsspecStore
+
+    store = FsspecStore(fsspec.filesystem("file"), "file", str(tmp_path / "root"))
+    with pytest.raises(PermanentStorageError, match="cannot commit a checkpoint here"):
+        CheckpointTransaction(store, step_dir_name(1))
+    assert not (tmp_path / "root").exists()

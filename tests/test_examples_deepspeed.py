@@ -67,7 +67,7 @@ def test_story_kill_in_save_then_exact_resume(tmp_path: Path) -> None:
     # The checks on the last committed checkpoint, by the CLI and against the reference run.
     check = _section(output, "[3/5]", "[4/5]")
     assert "last committed checkpoint: global_step6" in check
-    assert "OK: 1 checkpoint(s) checked, sizes and sha256 digests" in check
+    assert "OK: 1 checkpoint(s) checked, sizes and content digests" in check
     assert "WarmupDecayLR  mp_rank_00_model_states.pt:lr_scheduler" in check
     assert "DeepSpeed DynamicLossScaler" in check
     assert "OK: every component agrees" in check

@@ -6,6 +6,8 @@ import http.client
 import io
 import os
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,8 +16,12 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError, ResponseStreamingError
 
+from ckptkit.ops.sync import sync
+from ckptkit.ops.verify import verify_checkpoint
 from ckptkit.storage import open_store
-from tests.faulty_proxy import FaultyProxy
+from ckptkit.transfer import RetryPolicy
+from tests.faulty_proxy import FAULT_KINDS, FaultyProxy, ProxyStats
+from tests.helpers import commit_files
 
 MB = 1 << 20
 
@@ -285,3 +291,121 @@ def test_stop_closes_idle_keep_alive_connections(s3_endpoint: str) -> None:
         conn.request("GET", "/")
         conn.getresponse()
     conn.close()
+
+
+# --- latency and counters for benchmarks -----------------------------------------------------
+
+
+def timed_head(proxy: FaultyProxy, bucket: str) -> tuple[int, float]:
+    conn = raw_connection(proxy)
+    start = time.perf_counter()
+    conn.request("HEAD", f"/{bucket}")
+    response = conn.getresponse()
+    response.read()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return response.status, elapsed
+
+
+def test_latency_delays_every_request(faulty_s3: FaultyProxy, faulty_bucket: str) -> None:
+    bucket = bucket_name(faulty_bucket)
+    faulty_s3.set_latency(0.05)
+    assert faulty_s3.latency == 0.05
+    for _ in range(3):
+        status, elapsed = timed_head(faulty_s3, bucket)
+        assert status == 200 and elapsed >= 0.05
+    faulty_s3.set_latency(0)
+    assert timed_head(faulty_s3, bucket)[0] == 200
+    assert faulty_s3.stats().requests == {"HEAD": 4}
+
+
+def test_concurrent_requests_wait_side_by_side_not_in_a_queue(faulty_s3: FaultyProxy,
+                                                              faulty_bucket: str) -> None:
+    """Latency models a round trip: 8 requests at once take about one latency, not eight."""
+    bucket, latency, n = bucket_name(faulty_bucket), 0.1, 8
+    faulty_s3.set_latency(latency)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda _: timed_head(faulty_s3, bucket), range(n)))
+    elapsed = time.perf_counter() - start
+    assert all(status == 200 and took >= latency for status, took in results)
+    assert elapsed < n * latency / 2, f"{n} concurrent requests took {elapsed:.3f} s"
+    assert faulty_s3.stats().requests == {"HEAD": n}
+
+
+def test_latency_is_validated(faulty_s3: FaultyProxy, s3_endpoint: str) -> None:
+    with pytest.raises(ValueError, match="latency"):
+        faulty_s3.set_latency(-0.01)
+    with pytest.raises(ValueError, match="latency"):
+        FaultyProxy(s3_endpoint, latency=float("nan"))
+
+
+def test_every_fault_kind_still_happens_with_latency(faulty_s3: FaultyProxy, faulty_bucket: str,
+                                                     s3_endpoint: str) -> None:
+    bucket, data = bucket_name(faulty_bucket), os.urandom(100_000)
+    client(s3_endpoint).put_object(Bucket=bucket, Key="k", Body=data, ACL="public-read")
+    faulty_s3.set_latency(0.05)
+
+    def get() -> tuple[float, int | BaseException, bytes]:
+        conn = raw_connection(faulty_s3)
+        start = time.perf_counter()
+        try:
+            conn.request("GET", f"/{bucket}/k")
+            response = conn.getresponse()
+            return time.perf_counter() - start, response.status, response.read()
+        except (http.client.HTTPException, OSError) as exc:
+            return time.perf_counter() - start, exc, b""
+        finally:
+            conn.close()
+
+    outcomes = {}
+    for kind in FAULT_KINDS:
+        faulty_s3.set_faults(**{kind: 1.0}, limit=1)
+        outcomes[kind] = get()
+    assert all(took >= 0.05 for took, _, _ in outcomes.values())
+    assert outcomes["slowdown"][1] == 503 and b"SlowDown" in outcomes["slowdown"][2]
+    assert isinstance(outcomes["reset_before"][1], ConnectionError)
+    assert isinstance(outcomes["reset_after"][1], ConnectionError)
+    assert isinstance(outcomes["truncate"][1], http.client.IncompleteRead)
+    assert faulty_s3.faults == dict.fromkeys(FAULT_KINDS, 1)
+
+
+def test_stats_count_requests_and_body_bytes_both_ways(faulty_s3: FaultyProxy, faulty_bucket: str) -> None:
+    s3, bucket = client(faulty_s3.url, attempts=1), bucket_name(faulty_bucket)
+    data = os.urandom(MB)
+    s3.put_object(Bucket=bucket, Key="k", Body=data)
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == data
+    s3.head_object(Bucket=bucket, Key="k")
+
+    first = faulty_s3.stats(reset=True)
+    assert first.requests == {"PUT": 1, "GET": 1, "HEAD": 1} and first.total_requests == 3
+    assert first.bytes_to_upstream == len(data)
+    assert first.bytes_from_upstream == len(data)  # the GET's body; PUT and HEAD answer without one
+    assert first.faults == {}
+    assert faulty_s3.stats() == ProxyStats({}, {}, 0, 0)  # reset in the same step
+
+    # A truncated answer: the upstream sent every byte, the client got a quarter.
+    faulty_s3.set_faults(truncate=1.0, truncate_fraction=0.25)
+    with pytest.raises((IncompleteReadError, ResponseStreamingError)):
+        s3.get_object(Bucket=bucket, Key="k")["Body"].read()
+    assert faulty_s3.stats() == ProxyStats({"GET": 1}, {"truncate": 1}, 0, len(data))
+
+
+@pytest.mark.parametrize("latency", [0, 0.02], ids=["0ms", "20ms"])
+def test_lost_manifest_reply_is_survived_at_latency(tmp_path, faulty_s3: FaultyProxy, faulty_bucket: str,
+                                                    latency: float) -> None:
+    """sync's create-only manifest PUT lands but its reply is reset; the retry meets our own
+    manifest, which is success, at zero and at real-S3 latency alike."""
+    src = open_store(tmp_path / "src")
+    commit_files(src, "step-00000001", {"a.bin": b"a" * 1000, "b.bin": b"b" * 10}, step=1)
+    faulty_s3.set_latency(latency)
+    faulty_s3.set_faults(reset_after=1.0, limit=1,
+                         predicate=lambda method, path: method == "PUT" and "ckptkit-manifest" in path)
+
+    report = sync(tmp_path / "src", f"{faulty_bucket}/run", dst_options={"endpoint_url": faulty_s3.url},
+                  retry=RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05))
+
+    assert faulty_s3.faults == {"reset_after": 1}
+    assert report.ok and [o.status for o in report.outcomes] == ["committed"], report.outcomes
+    remote = open_store(f"{faulty_bucket}/run", endpoint_url=faulty_s3.url)
+    assert verify_checkpoint(remote.child("step-00000001")).ok

@@ -1,7 +1,9 @@
-"""The shipped JSON Schema agrees with ``parse_manifest``: real manifests pass, bad ones fail.
+"""The shipped JSON Schemas agree with ``parse_manifest``: real manifests pass, bad ones fail.
 
-Each bad manifest is checked against both the parser and the schema, so the two cannot drift
-apart unnoticed. A few rules cannot be written in JSON Schema (unique paths, the chunk count,
+Every test runs for schema version 1 (SHA-256 files only, what ckptkit writes for
+``digest="sha256"``) and version 2 (per-file algorithms; BLAKE3 by default), each against its own
+schema file. Each bad manifest is checked against both the parser and the schema, so the two
+cannot drift apart unnoticed. A few rules cannot be written in JSON Schema (unique paths, the chunk count,
 integers spelled ``1.0``); those are listed in ``test_rules_only_the_parser_enforces`` and in the
 schema's description.
 """
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,36 +26,60 @@ import pytest
 
 from ckptkit.commit import CheckpointTransaction
 from ckptkit.errors import ManifestError, UnsafePathError, UnsupportedSchemaError
-from ckptkit.hashing import CHUNK_SIZE, digest_bytes
+from ckptkit.hashing import BLAKE3_TREE, CHUNK_SIZE, SHA256_TREE, FileDigest, digest_bytes
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
 from ckptkit.ops.index import index_checkpoint
 from ckptkit.storage import open_store
 
-SCHEMA_RESOURCE = ("schema", "manifest-v1.schema.json")
+SCHEMA_FILES = {1: "manifest-v1.schema.json", 2: "manifest-v2.schema.json"}
+ALGORITHM_OF_VERSION = {1: SHA256_TREE, 2: BLAKE3_TREE}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_schema() -> dict[str, Any]:
-    resource = resources.files("ckptkit").joinpath(*SCHEMA_RESOURCE)
+def load_schema(version: int) -> dict[str, Any]:
+    resource = resources.files("ckptkit").joinpath("schema", SCHEMA_FILES[version])
     return json.loads(resource.read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def validator() -> jsonschema.Draft202012Validator:
-    schema = load_schema()
+@dataclass(frozen=True)
+class Case:
+    """One schema version: its validator, and manifests whose files use its algorithm."""
+
+    version: int
+    validator: jsonschema.Draft202012Validator
+
+    @property
+    def algorithm(self) -> str:
+        return ALGORITHM_OF_VERSION[self.version]
+
+    def digest(self, data: bytes) -> FileDigest:
+        return digest_bytes(data, algorithm=self.algorithm)
+
+    def entry(self, path: str, data: bytes = b"x") -> FileEntry:
+        return FileEntry.from_digest(path, self.digest(data))
+
+    def manifest(self, **overrides: Any) -> Manifest:
+        files = [
+            self.entry("model.safetensors", b"weights" * 100),
+            self.entry("optim/rank_0.bin", b"optimizer state"),
+            self.entry("empty.txt", b""),
+        ]
+        args: dict[str, Any] = {"step": 1200, "layout": "files", "files": files}
+        args.update(overrides)
+        manifest = Manifest.create(**args)
+        assert manifest.schema_version == (self.version if manifest.files else 1)
+        return manifest
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["v1", "v2"])
+def case(request: pytest.FixtureRequest) -> Case:
+    schema = load_schema(request.param)
     jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    return Case(request.param, jsonschema.Draft202012Validator(schema))
 
 
-def make_manifest(**overrides: Any) -> Manifest:
-    files = [
-        FileEntry.from_digest("model.safetensors", digest_bytes(b"weights" * 100)),
-        FileEntry.from_digest("optim/rank_0.bin", digest_bytes(b"optimizer state")),
-        FileEntry.from_digest("empty.txt", digest_bytes(b"")),
-    ]
-    args: dict[str, Any] = {"step": 1200, "layout": "files", "files": files}
-    args.update(overrides)
-    return Manifest.create(**args)
+def validator_of(version: int) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema(version))
 
 
 def as_json(manifest: Manifest) -> dict[str, Any]:
@@ -83,48 +110,50 @@ def parses(doc: dict[str, Any]) -> bool:
     ],
     ids=["plain", "no-step", "step-0", "topology", "metadata", "metrics", "no-files"],
 )
-def test_created_manifests_are_valid(validator: jsonschema.Draft202012Validator, overrides: dict) -> None:
-    doc = as_json(make_manifest(**overrides))
+def test_created_manifests_are_valid(case: Case, overrides: dict) -> None:
+    doc = as_json(case.manifest(**overrides))
+    # A manifest without files uses no algorithm but SHA-256's: version 1, which every reader reads.
+    validator = case.validator if doc["files"] else validator_of(1)
     assert list(validator.iter_errors(doc)) == []
 
 
-def test_multi_chunk_file_is_valid(validator: jsonschema.Draft202012Validator) -> None:
-    entry = FileEntry.from_digest("big.bin", digest_bytes(bytes(CHUNK_SIZE + 1)))
-    doc = as_json(make_manifest(files=[entry]))
+def test_multi_chunk_file_is_valid(case: Case) -> None:
+    entry = case.entry("big.bin", bytes(CHUNK_SIZE + 1))
+    doc = as_json(case.manifest(files=[entry]))
     assert len(doc["files"][0]["chunks"]) == 2
-    validator.validate(doc)
+    case.validator.validate(doc)
 
 
-def test_committed_and_indexed_manifests_are_valid(
-    validator: jsonschema.Draft202012Validator, tmp_path: Path
-) -> None:
+def test_committed_and_indexed_manifests_are_valid(case: Case, tmp_path: Path) -> None:
     root = open_store(tmp_path / "run")
-    with CheckpointTransaction(root, "step-00000007") as txn:
+    with CheckpointTransaction(root, "step-00000007", digest=case.algorithm) as txn:
         txn.write("model.bin", b"\x01" * 5000)
         txn.write("sub/dir/state.bin", b"\x02" * 10)
         txn.commit(step=7, layout="files", metadata={"note": "x"}, metrics={"loss": 1.5})
     committed = json.loads((tmp_path / "run" / "step-00000007" / MANIFEST_NAME).read_bytes())
-    validator.validate(committed)
+    case.validator.validate(committed)
+    assert committed["schema_version"] == case.version
 
     foreign = tmp_path / "checkpoint-30"
     (foreign / "nested").mkdir(parents=True)
     (foreign / "trainer_state.json").write_text('{"global_step": 30}')
     (foreign / "nested" / "weights.bin").write_bytes(b"w" * 64)
-    index_checkpoint(open_store(foreign))
+    index_checkpoint(open_store(foreign), digest=case.algorithm)
     indexed = json.loads((foreign / MANIFEST_NAME).read_bytes())
     assert indexed["layout"] == "hf-trainer" and indexed["step"] == 30
-    validator.validate(indexed)
+    case.validator.validate(indexed)
+    assert {f["digest"].split(":")[0] for f in indexed["files"]} == {case.algorithm}
 
 
-def test_optional_and_unknown_fields_accepted_by_both(validator: jsonschema.Draft202012Validator) -> None:
-    doc = as_json(make_manifest())
+def test_optional_and_unknown_fields_accepted_by_both(case: Case) -> None:
+    doc = as_json(case.manifest())
     for name in ("step", "topology", "metrics"):
         del doc[name]
     doc["future_field"] = {"x": 1}
     doc["files"][0]["future_field"] = "y"
     doc["digest"]["future_field"] = 3
     assert parses(doc)
-    validator.validate(doc)
+    case.validator.validate(doc)
 
 
 # --- bad manifests are rejected by both --------------------------------------------------
@@ -203,7 +232,6 @@ BAD_FIELDS = {
     "missing-format": _delete("format"),
     "schema-version-0": _set(("schema_version",), 0),
     "schema-version-string": _set(("schema_version",), "1"),
-    "digest-algorithm": _set(("digest", "algorithm"), "sha256"),
     "chunk-size-0": _set(("digest", "chunk_size"), 0),
     "chunk-size-bool": _set(("digest", "chunk_size"), True),
     "topology-list": _set(("topology",), [1, 2]),
@@ -217,55 +245,108 @@ BAD_FIELDS = {
 }
 
 
+# What one version forbids and the other allows.
+BAD_FIELDS_OF_VERSION = {
+    1: {
+        "digest-algorithm": _set(("digest", "algorithm"), "sha256"),
+        "no-digest-algorithm": lambda d: d["digest"].pop("algorithm"),
+        "blake3-file-in-v1": _set(("files", 0, "digest"), "blake3-tree:" + HEX),
+    },
+    2: {
+        "unknown-file-algorithm": _set(("files", 0, "digest"), "md5-tree:" + HEX),
+        "no-chunk-size": lambda d: d["digest"].pop("chunk_size"),
+    },
+}
+
+
 @pytest.mark.parametrize("mutate", BAD_FIELDS.values(), ids=BAD_FIELDS.keys())
-def test_bad_manifest_rejected_by_parser_and_schema(
-    validator: jsonschema.Draft202012Validator, mutate
-) -> None:
-    doc = as_json(make_manifest())
-    assert validator.is_valid(doc) and parses(doc)
+def test_bad_manifest_rejected_by_parser_and_schema(case: Case, mutate) -> None:
+    doc = as_json(case.manifest())
+    assert case.validator.is_valid(doc) and parses(doc)
     mutate(doc)
     assert not parses(doc)
-    assert not validator.is_valid(doc)
+    assert not case.validator.is_valid(doc)
+
+
+@pytest.mark.parametrize(
+    ("version", "name"), [(v, n) for v, bad in BAD_FIELDS_OF_VERSION.items() for n in bad]
+)
+def test_version_specific_rules_rejected_by_parser_and_schema(version: int, name: str) -> None:
+    case = Case(version, validator_of(version))
+    doc = as_json(case.manifest())
+    assert case.validator.is_valid(doc) and parses(doc)
+    BAD_FIELDS_OF_VERSION[version][name](doc)
+    assert not parses(doc)
+    assert not case.validator.is_valid(doc)
+
+
+def test_unknown_algorithm_is_named() -> None:
+    doc = as_json(Case(2, validator_of(2)).manifest())
+    doc["files"][1]["digest"] = "md5-tree:" + HEX
+    with pytest.raises(ManifestError, match=r"model.safetensors: unknown digest algorithm 'md5-tree'"):
+        parse_manifest(json.dumps(doc).encode())
+    v1 = as_json(Case(1, validator_of(1)).manifest())
+    v1["files"][0]["digest"] = "blake3-tree:" + HEX
+    with pytest.raises(ManifestError, match="'blake3-tree' in a schema version 1 manifest"):
+        parse_manifest(json.dumps(v1).encode())
+
+
+def test_version_follows_the_files_algorithms() -> None:
+    """All SHA-256: version 1, so a ckptkit from before BLAKE3 reads it. Any BLAKE3 file:
+    version 2, which such a ckptkit refuses as newer instead of misreading it."""
+    v1, v2 = Case(1, validator_of(1)), Case(2, validator_of(2))
+    sha = as_json(v1.manifest())
+    assert sha["schema_version"] == 1
+    assert sha["digest"] == {"algorithm": "sha256-tree", "chunk_size": CHUNK_SIZE}
+    mixed = as_json(v2.manifest(files=[v1.entry("a"), v2.entry("b")]))
+    assert (mixed["schema_version"], mixed["digest"]) == (2, {"chunk_size": CHUNK_SIZE})
+    assert [f["digest"].split(":")[0] for f in mixed["files"]] == ["sha256-tree", "blake3-tree"]
+    validator_of(2).validate(mixed)
+    assert not validator_of(1).is_valid(mixed)
+    # Re-read and re-written, each keeps its version and its files' algorithms.
+    for doc in (sha, mixed):
+        again = parse_manifest(json.dumps(doc).encode())
+        assert json.loads(again.to_bytes()) == doc
 
 
 @pytest.mark.parametrize(
     "path", ["../x", "/abs", "C:/x", "a\x00b"], ids=["parent", "absolute", "drive", "nul"]
 )
-def test_unsafe_paths_raise_unsafe_path_error(validator: jsonschema.Draft202012Validator, path: str) -> None:
-    doc = as_json(make_manifest())
+def test_unsafe_paths_raise_unsafe_path_error(case: Case, path: str) -> None:
+    doc = as_json(case.manifest())
     doc["files"][0]["path"] = path
     with pytest.raises(UnsafePathError) as caught:
         parse_manifest(json.dumps(doc).encode())
     assert caught.value.path == path
-    errors = list(validator.iter_errors(doc))
+    errors = list(case.validator.iter_errors(doc))
     assert errors and all(list(e.absolute_path)[:3] == ["files", 0, "path"] for e in errors)
     # Writing is validated like reading: such a path never gets into a manifest.
     with pytest.raises(UnsafePathError):
-        FileEntry.from_digest(path, digest_bytes(b"x"))
+        case.entry(path)
 
 
-def test_future_schema_version_is_a_clear_error(validator: jsonschema.Draft202012Validator) -> None:
-    doc = as_json(make_manifest())
-    doc["schema_version"] = 2
-    doc["some_v2_field"] = {"new": True}
+def test_future_schema_version_is_a_clear_error(case: Case) -> None:
+    doc = as_json(case.manifest())
+    doc["schema_version"] = 3
+    doc["some_v3_field"] = {"new": True}
     with pytest.raises(UnsupportedSchemaError, match="newer than this ckptkit supports"):
         parse_manifest(json.dumps(doc).encode())
-    assert not validator.is_valid(doc)
+    assert not case.validator.is_valid(doc)
 
 
-def test_safe_unusual_paths_accepted_by_both(validator: jsonschema.Draft202012Validator) -> None:
+def test_safe_unusual_paths_accepted_by_both(case: Case) -> None:
     paths = ["...", "..a", "a..", ".hidden/x", "a/.b/c", "1:x", "é/ü 1.bin", "x/" + MANIFEST_NAME, "a" * 4096]
-    doc = as_json(make_manifest(files=[FileEntry.from_digest(p, digest_bytes(b"x")) for p in paths]))
+    doc = as_json(case.manifest(files=[case.entry(p) for p in paths]))
     assert parses(doc)
-    validator.validate(doc)
+    case.validator.validate(doc)
 
 
-def test_rules_only_the_parser_enforces(validator: jsonschema.Draft202012Validator) -> None:
+def test_rules_only_the_parser_enforces(case: Case) -> None:
     """JSON Schema cannot express these; the parser rejects them, the schema lets them through.
 
     If the schema ever learns one of them, move that case into BAD_FIELDS.
     """
-    base = as_json(make_manifest())
+    base = as_json(case.manifest())
 
     duplicate = copy.deepcopy(base)  # uniqueItems compares whole objects, not one key of them
     duplicate["files"].append({**duplicate["files"][0], "size": 1, "chunks": [HEX]})
@@ -281,16 +362,17 @@ def test_rules_only_the_parser_enforces(validator: jsonschema.Draft202012Validat
     ]:
         with pytest.raises(ManifestError, match=message):
             parse_manifest(json.dumps(doc).encode())
-        assert validator.is_valid(doc)
+        assert case.validator.is_valid(doc)
 
 
 # --- the schema ships with the package ---------------------------------------------------
 
 
-def test_schema_is_readable_as_package_resource() -> None:
-    schema = load_schema()
+@pytest.mark.parametrize("version", [1, 2])
+def test_schema_is_readable_as_package_resource(version: int) -> None:
+    schema = load_schema(version)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["properties"]["schema_version"]["const"] == 1
+    assert schema["properties"]["schema_version"]["const"] == version
     assert schema["properties"]["layout"]["enum"] == ["native", "deepspeed", "hf-trainer", "dcp", "files"]
 
 
@@ -306,5 +388,5 @@ def test_schema_is_in_the_built_wheel(tmp_path: Path) -> None:
     subprocess.run([*build, "-q", "-w", str(out), str(src)], check=True, capture_output=True)
     (wheel,) = out.glob("ckptkit-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        shipped = archive.read("ckptkit/" + "/".join(SCHEMA_RESOURCE))
-    assert json.loads(shipped) == load_schema()
+        for version, name in SCHEMA_FILES.items():
+            assert json.loads(archive.read(f"ckptkit/schema/{name}")) == load_schema(version)

@@ -17,6 +17,7 @@ from hypothesis import settings
 
 from ckptkit.ops.convert_source import _RangeStore
 from ckptkit.storage import LocalStore, Store, StoreCapabilities, open_store
+from ckptkit.storage.read_cache import ReadCache
 from ckptkit.testing import DEFAULT_STATE_MACHINE_SETTINGS, ReadOnlyStoreContractTests, StoreContractTests
 
 
@@ -179,3 +180,23 @@ class TestRangeStore(DocumentedCapabilities, ReadOnlyStoreContractTests):
         ((key, data),) = self.objects.items()
         return RangeRaw(tmp_path, key, len(data))
 
+
+
+class TestReadCache(DocumentedCapabilities, ReadOnlyStoreContractTests):
+    """Structural verify reads each file through this view: small reads kept, listed sizes known."""
+
+    documented_capabilities = StoreCapabilities(
+        atomic_rename=False, conditional_create=False, durable_writes=False, read_only=True
+    )
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        raw = DirectoryRaw(tmp_path)
+        for key, data in self.objects.items():
+            raw.put(key, data)
+        inner = LocalStore(tmp_path)
+        return ReadCache(inner, {info.key: info.size for info in inner.list("")})
+
+    @pytest.fixture
+    def raw(self, tmp_path: Path) -> DirectoryRaw:
+        return DirectoryRaw(tmp_path)

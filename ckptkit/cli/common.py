@@ -13,8 +13,15 @@ import click
 
 from ckptkit.cli.render import emit_error
 from ckptkit.errors import EXIT_OK, EXIT_STORAGE, CkptkitError
+from ckptkit.hashing import CHOICES, DIGEST_ENV
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+# For every command that writes a manifest. Unset, the library applies the same default
+# (CKPTKIT_DIGEST, else blake3); through click a bad CKPTKIT_DIGEST is a usage error (exit 2).
+digest_option = click.option(
+    "--digest", type=click.Choice(CHOICES), default=None, envvar=DIGEST_ENV, show_envvar=True,
+    help="How the manifest hashes each file: blake3 (default) or sha256 where a policy requires it.",
+)
 
 
 def handles_errors(command: Callable[..., int | None]) -> Callable[..., None]:

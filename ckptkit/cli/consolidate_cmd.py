@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ckptkit.cli.common import handles_errors, json_option, storage_options
+from ckptkit.cli.common import digest_option, handles_errors, json_option, storage_options
 from ckptkit.cli.write_report import emit_write_report
 
 
@@ -33,6 +33,7 @@ from ckptkit.cli.write_report import emit_write_report
     show_default=True,
     help="model.safetensors or pytorch_model.bin (sharded with an index).",
 )
+@digest_option
 @json_option
 @click.pass_context
 @handles_errors
@@ -44,6 +45,7 @@ def consolidate_command(
     dtype: str,
     max_shard_size: str,
     fmt: str,
+    digest: str | None,
     as_json: bool,
 ) -> int:
     """Consolidate the ZeRO checkpoint at PATH into OUT (committed atomically, then verified).
@@ -58,6 +60,6 @@ def consolidate_command(
 
     result = consolidate_zero(
         path, out, tag=tag, dtype=dtype, max_shard_size=max_shard_size, fmt=fmt,
-        progress=terminal_progress("consolidate", as_json=as_json), **storage_options(ctx),
+        progress=terminal_progress("consolidate", as_json=as_json), digest=digest, **storage_options(ctx),
     )
     return emit_write_report(result, as_json)

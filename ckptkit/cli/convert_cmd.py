@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ckptkit.cli.common import handles_errors, json_option, storage_options
+from ckptkit.cli.common import digest_option, handles_errors, json_option, storage_options
 from ckptkit.cli.write_report import emit_write_report
 
 
@@ -24,6 +24,7 @@ from ckptkit.cli.write_report import emit_write_report
     "--max-shard-size", default=None,
     help="Largest output shard, HF convention (5GB = 5e9 bytes, 5GiB = 5*2**30). Default 5GB.",
 )
+@digest_option
 @json_option
 @click.pass_context
 @handles_errors
@@ -34,6 +35,7 @@ def convert_command(
     to: str,
     dtype: str | None,
     max_shard_size: str | None,
+    digest: str | None,
     as_json: bool,
 ) -> int:
     """Convert the state dict at SRC into DST, then re-read DST and compare every tensor with SRC.
@@ -48,6 +50,7 @@ def convert_command(
 
     progress = terminal_progress("convert", as_json=as_json)
     result = convert(
-        src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, progress=progress, **storage_options(ctx)
+        src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, progress=progress, digest=digest,
+        **storage_options(ctx),
     )
     return emit_write_report(result, as_json)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptkit.cli.common import handles_errors, json_option, storage_options
+from ckptkit.cli.common import digest_option, handles_errors, json_option, storage_options
 from ckptkit.cli.consolidate_cmd import consolidate_command
 from ckptkit.cli.convert_cmd import convert_command
 from ckptkit.cli.inspect_cmd import inspect_command
@@ -144,7 +144,7 @@ def verify_command(ctx: click.Context, path: str, quick: bool, jobs: int | None,
     if any(r.checkpoint_files is not None for r in reports):
         how = "structure only (no manifest, so no digests)"
     else:
-        how = "sizes only (--quick)" if quick else "sizes and sha256 digests"
+        how = "sizes only (--quick)" if quick else "sizes and content digests"
     click.echo(f"{verdict}: {len(reports)} checkpoint(s) checked, {how}")
     return code
 
@@ -166,18 +166,27 @@ def _verify_table(reports: list[VerifyReport]) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing manifest.")
 @click.option("--step", type=click.IntRange(min=0), default=None, help="Step to record (default: detected).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Hashing threads.")
+@digest_option
 @json_option
 @click.pass_context
 @handles_errors
 def index_command(
-    ctx: click.Context, path: str, force: bool, step: int | None, jobs: int | None, as_json: bool
+    ctx: click.Context,
+    path: str,
+    force: bool,
+    step: int | None,
+    jobs: int | None,
+    digest: str | None,
+    as_json: bool,
 ) -> int:
     """Hash a checkpoint directory another tool wrote and commit a manifest for it."""
     from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.index import index_checkpoint
 
     progress = terminal_progress("index", as_json=as_json)
-    result = index_checkpoint(_store(ctx, path), force=force, step=step, jobs=jobs, progress=progress)
+    result = index_checkpoint(
+        _store(ctx, path), force=force, step=step, jobs=jobs, progress=progress, digest=digest
+    )
     m = result.manifest
     if as_json:
         emit_json({"url": result.url, "replaced": result.replaced, "manifest": m.to_json()})

@@ -15,7 +15,6 @@ torch is imported (inside :func:`data_pickle`) only for the globals the pickle n
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import struct
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptkit.errors import FormatError
-from ckptkit.formats.safetensors_writer import OnWritten, OutTensor
+from ckptkit.formats.safetensors_writer import OnWritten, OutTensor, tensor_hasher
 
 ARCHIVE = "archive"
 ALIGNMENT = 64  # torch's default storage alignment (torch.serialization.config.save.storage_alignment)
@@ -126,7 +125,7 @@ def torch_zip_chunks(tensors: list[OutTensor], on_written: OnWritten) -> Iterato
     for t in tensors:
         if t.source is not None and keys[t.name] == keys.get(t.source):
             continue  # a tied alias: its source's record holds the bytes
-        hasher = hashlib.sha256()
+        hasher = tensor_hasher()
         yield from writer.record(f"data/{keys[t.name]}", _hashed(t, hasher))
         on_written(t, writer.last.size, hasher.hexdigest())
         if writer.last.size != t.nbytes:

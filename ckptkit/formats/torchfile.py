@@ -30,12 +30,20 @@ MAX_PICKLE_BYTES = 1 << 30  # the object pickle is read whole; tensors live else
 MAX_SMALL_RECORD = 4096  # byteorder, version, ...
 
 
-def read_torch_file(store: Store, key: str, *, limits: Limits | None = None) -> TorchFile:
-    """Read a ``torch.save`` file (zip, legacy, or bare pickle) chosen by its content."""
+def read_torch_file(
+    store: Store, key: str, *, limits: Limits | None = None, archive: zr.ZipArchive | None = None
+) -> TorchFile:
+    """Read a ``torch.save`` file (zip, legacy, or bare pickle) chosen by its content.
+
+    ``archive``: the file's zip directory where the caller read it already (structural verify
+    streamed its records for their CRCs), so nothing is read twice.
+    """
     limits = limits or Limits()
+    if archive is not None:
+        return _read_zip(store, key, limits, archive)
     found = detect(store, key)
     if found.kind == "torch-zip":
-        return _read_zip(store, key, limits)
+        return _read_zip(store, key, limits, zr.read_zip(store, key))
     if found.kind == "torch-legacy":
         return read_legacy(store, key, limits)
     if found.kind in ("pickle", "dcp-metadata"):
@@ -56,8 +64,7 @@ def top_level_tensors(torch_file: TorchFile) -> dict[str, TensorRef]:
 # --- zip ------------------------------------------------------------------------------------
 
 
-def _read_zip(store: Store, key: str, limits: Limits) -> TorchFile:
-    archive = zr.read_zip(store, key)
+def _read_zip(store: Store, key: str, limits: Limits, archive: zr.ZipArchive) -> TorchFile:
     problems = archive.problems
     prefix = _record_prefix(key, archive, problems)
     pickle_entry = archive.get(f"{prefix}/data.pkl")

@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from ckptkit.errors import BadHeaderError, FormatError, LimitExceededError, OverlapError, TruncatedError
 from ckptkit.storage.base import Store
@@ -37,6 +38,11 @@ MAX_ENTRIES = 1_000_000
 LOCAL_WINDOW = 512  # bytes read per local header: 30 + name + torch's <=68-byte padding extra
 COALESCE_GAP = 64 << 10  # neighbouring local headers closer than this are fetched in one read
 CRC_CHUNK = 8 << 20
+# What record_crcs reads at a time: a read this large makes a remote reader stream (streamed GETs
+# from the first read), and it is the one piece held beside what the stream receives ahead.
+STREAM_READ = 8 << 20
+KEEP_RECORD = 1 << 20  # records record_crcs keeps for read_record (data.pkl, byteorder) ...
+KEEP_TOTAL = 8 << 20  # ... up to this much in all
 
 FLAG_UTF8 = 0x800
 # Flags CPython zipfile refuses or treats differently from miniz (CVE-2025-1945).
@@ -70,6 +76,12 @@ class ZipArchive:
     problems: list[str] = field(default_factory=list)
     _by_name: dict[str, ZipEntry] = field(default_factory=dict, repr=False)
     _data_offsets: dict[int, int] = field(default_factory=dict, repr=False)
+    # Raw bytes of small records that :func:`record_crcs` streamed past (data.pkl, byteorder):
+    # read_record takes them from here instead of fetching them again.
+    _kept: dict[int, bytes] = field(default_factory=dict, repr=False)
+    # What record_crcs found wrong with a local header, told when a reader asks for that record's
+    # offset (as data_offsets would have found it): checking CRCs adds no findings of its own.
+    _deferred: dict[int, list[str]] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> ZipEntry | None:
         """The first entry called ``name`` (duplicates are listed in ``problems``)."""
@@ -320,6 +332,8 @@ def data_offsets(store: Store, archive: ZipArchive, entries: list[ZipEntry]) -> 
         for entry in group:
             offset = _local_data_offset(store, entry, window, start, archive.problems)
             archive._data_offsets[entry.index] = offset
+    for entry in entries:
+        archive.problems.extend(archive._deferred.pop(entry.index, ()))
     return {entry.name: archive._data_offsets[entry.index] for entry in entries}
 
 
@@ -334,19 +348,30 @@ def data_offset(store: Store, entry: ZipEntry) -> int:
 def _local_data_offset(store: Store, entry: ZipEntry, window: bytes, start: int, problems: list[str]) -> int:
     key, rel = entry.file, entry.header_offset - start
     header = window[rel : rel + LOCAL_SIZE]
-    if len(header) < LOCAL_SIZE or header[:4] != LOCAL_SIG:
-        raise BadHeaderError(
-            f"{key}: zip entry {entry.name!r} has no local header at offset {entry.header_offset}",
-            path=key,
-            offset=entry.header_offset,
-        )
-    flags, method, name_len, extra_len = struct.unpack_from("<2x2H16x2H", header, 4)
-    name_end = rel + LOCAL_SIZE + name_len
-    raw_name = window[rel + LOCAL_SIZE : name_end]
+    name_len = _local_name_length(entry, header)
+    raw_name = window[rel + LOCAL_SIZE : rel + LOCAL_SIZE + name_len]
     if len(raw_name) < name_len:  # a name longer than the window: fetch it on its own
         raw_name = store.get(
             key, entry.header_offset + LOCAL_SIZE, entry.header_offset + LOCAL_SIZE + name_len
         )
+    return _checked_data_offset(entry, header, raw_name, problems)
+
+
+def _local_name_length(entry: ZipEntry, header: bytes) -> int:
+    """The name length of the local header ``header`` (its first LOCAL_SIZE bytes), once it is one."""
+    if len(header) < LOCAL_SIZE or header[:4] != LOCAL_SIG:
+        raise BadHeaderError(
+            f"{entry.file}: zip entry {entry.name!r} has no local header at offset {entry.header_offset}",
+            path=entry.file,
+            offset=entry.header_offset,
+        )
+    return struct.unpack_from("<H", header, 26)[0]
+
+
+def _checked_data_offset(entry: ZipEntry, header: bytes, raw_name: bytes, problems: list[str]) -> int:
+    """Where the record's data starts, its local header checked against the central directory."""
+    key = entry.file
+    flags, method, name_len, extra_len = struct.unpack_from("<2x2H16x2H", header, 4)
     if _decode_name(raw_name, flags) != entry.name:
         # CPython zipfile refuses this; miniz uses the central name (CVE-2025-1944).
         problems.append(f"zip entry {entry.name!r}: local header names it {_decode_name(raw_name, flags)!r}")
@@ -381,7 +406,9 @@ def read_record(store: Store, archive: ZipArchive, entry: ZipEntry, *, max_size:
             actual=entry.size,
         )
     start = data_offsets(store, archive, [entry])[entry.name]
-    raw = store.get(entry.file, start, start + entry.compressed_size)
+    raw = archive._kept.get(entry.index)
+    if raw is None:
+        raw = store.get(entry.file, start, start + entry.compressed_size)
     if entry.method == 0 and entry.compressed_size != entry.size:
         raise BadHeaderError(
             f"{entry.file}: stored zip entry {entry.name!r} has compressed size "
@@ -398,6 +425,79 @@ def read_record(store: Store, archive: ZipArchive, entry: ZipEntry, *, max_size:
             offset=start,
         )
     return data
+
+
+def record_crcs(store: Store, archive: ZipArchive) -> dict[int, int | None]:
+    """The CRC-32 of every record (by entry index; None for a deflated record that does not
+    inflate), each local header and record read once, in offset order, through one stream.
+
+    The stream is read in large pieces and ends where the central directory starts (read
+    already), so a remote store reads the archive as one streamed GET per 64 MiB, ahead of the
+    CRC, and never past the records. Local headers are checked as :func:`data_offsets` checks them and
+    their offsets kept (what is wrong with one is told when a reader asks for its offset), so
+    the torch reader that follows reads no header again; small records' bytes are kept too.
+    """
+    crcs: dict[int, int | None] = {}
+    kept = 0
+    with store.open_read(archive.key, size=archive.central_directory_offset) as stream:
+        cursor = _Cursor(stream)
+        for entry in sorted(archive.entries, key=lambda e: e.header_offset):
+            header = cursor.read(entry.header_offset, LOCAL_SIZE)
+            raw_name = cursor.read(entry.header_offset + LOCAL_SIZE, _local_name_length(entry, header))
+            found: list[str] = []
+            offset = _checked_data_offset(entry, header, raw_name, found)
+            archive._data_offsets[entry.index] = offset
+            if found:
+                archive._deferred[entry.index] = found
+            chunks: Iterable[bytes | memoryview] = cursor.chunks(offset, entry.compressed_size)
+            if entry.compressed_size <= KEEP_RECORD and kept + entry.compressed_size <= KEEP_TOTAL:
+                raw = b"".join(chunks)
+                archive._kept[entry.index] = raw
+                kept += len(raw)
+                chunks = [raw]
+            crcs[entry.index] = _crc(entry, chunks)
+    return crcs
+
+
+class _Cursor:
+    """A stream read forward in pieces of STREAM_READ bytes, whatever size its readers ask for:
+    a remote stream then streams from its first read. Positions are absolute."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._piece = memoryview(b"")
+        self._at = 0  # where the piece starts
+        self._next = 0  # where the stream is
+
+    def read(self, pos: int, size: int) -> bytes:
+        return b"".join(self.chunks(pos, size))
+
+    def chunks(self, pos: int, size: int) -> Iterator[memoryview]:
+        """``size`` bytes from ``pos`` (fewer where the stream ends), as views of the pieces."""
+        while size > 0:
+            lo = pos - self._at
+            if not 0 <= lo < len(self._piece):
+                if pos != self._next:  # a gap, or an entry overlapping the last (hostile input)
+                    self._stream.seek(pos)
+                self._piece = memoryview(self._stream.read(STREAM_READ))
+                self._at, self._next = pos, pos + len(self._piece)
+                if not self._piece:
+                    return  # the file ends early: the CRC cannot match, which is the finding
+                continue
+            piece = self._piece[lo : lo + size]
+            pos += len(piece)
+            size -= len(piece)
+            yield piece
+
+
+def _crc(entry: ZipEntry, chunks: Iterable[bytes | memoryview]) -> int | None:
+    crc = 0
+    try:
+        for chunk in _decoded(entry, chunks, limit=None):
+            crc = zlib.crc32(chunk, crc)
+    except FormatError:
+        return None
+    return crc
 
 
 def crc_check(store: Store, entry: ZipEntry) -> bool:
@@ -417,16 +517,12 @@ def record_crc(store: Store, entry: ZipEntry) -> int | None:
     start = data_offset(store, entry)
     end = start + entry.compressed_size
     chunks = (store.get(entry.file, pos, min(end, pos + CRC_CHUNK)) for pos in range(start, end, CRC_CHUNK))
-    crc = 0
-    try:
-        for chunk in _decoded(entry, chunks, limit=None):
-            crc = zlib.crc32(chunk, crc)
-    except FormatError:
-        return None
-    return crc
+    return _crc(entry, chunks)
 
 
-def _decoded(entry: ZipEntry, chunks: Iterable[bytes], *, limit: int | None) -> Iterator[bytes]:
+def _decoded(
+    entry: ZipEntry, chunks: Iterable[bytes | memoryview], *, limit: int | None
+) -> Iterator[bytes | memoryview]:
     """The record's uncompressed bytes, chunk by chunk, inflating in bounded steps."""
     if entry.method == 0:
         yield from chunks

@@ -69,7 +69,7 @@ from ckptkit.distributed import (
 )
 from ckptkit.errors import ChecksumMismatchError, ManifestError, NotCommittedError, NotFoundError
 from ckptkit.formats.deepspeed import LATEST, resolve_latest
-from ckptkit.hashing import digest_bytes
+from ckptkit.hashing import choose_algorithm, digest_bytes
 from ckptkit.manifest import FileEntry, Manifest, validate_path
 from ckptkit.safe import safe_globals
 from ckptkit.storage import Store, open_store
@@ -106,6 +106,8 @@ class CkptkitCheckpointEngine(CheckpointEngine):
 
     Construct it on every rank at the same point (it creates a process group): use
     :func:`use_ckptkit`. ``timeout_s`` bounds how long a rank waits for the others at the commit.
+    ``digest`` is how files are hashed into the manifest, as for ``ckptkit.save`` (rank 0's
+    choice holds for all ranks).
     """
 
     def __init__(
@@ -114,10 +116,12 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         *,
         engine: Any = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        digest: str | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(None)
         self.name = "CkptkitCheckpointEngine"
+        self.digest = None if digest is None else choose_algorithm(digest)
         self.root: Store = open_store(root_url, **storage_options)
         self._engine = engine  # the DeepSpeed engine, for the manifest's step and topology
         # Created once, here: a group per save would cost a rendezvous on every save.
@@ -149,7 +153,7 @@ class CkptkitCheckpointEngine(CheckpointEngine):
             os.makedirs(path, exist_ok=True)
 
     def create(self, info: CheckpointCommitInfo) -> None:
-        shared = open_shared_attempt(self._group, self.root, str(info.tag))
+        shared = open_shared_attempt(self._group, self.root, str(info.tag), digest=self.digest)
         self._save = _SaveAttempt(
             tag=shared.name, save_dir=os.path.abspath(str(info.save_dir)), shared=shared, sink=shared.sink()
         )
@@ -236,7 +240,7 @@ class CkptkitCheckpointEngine(CheckpointEngine):
             raise NotFoundError(f"{path}: not a file of a committed checkpoint opened by ckptkit")
         checkpoint, entry = target
         data = checkpoint.get(entry.path)
-        actual = digest_bytes(data)
+        actual = digest_bytes(data, algorithm=entry.algorithm)
         if actual.size != entry.size or actual.digest != entry.digest:
             raise ChecksumMismatchError(
                 f"{checkpoint.url}/{entry.path}", entry.digest, actual.digest, (0, len(data))
@@ -259,11 +263,12 @@ def use_ckptkit(
     root_url: str | os.PathLike[str] | Store,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    digest: str | None = None,
     **storage_options: Any,
 ) -> CkptkitCheckpointEngine:
     """Install a :class:`CkptkitCheckpointEngine` on DeepSpeed ``engine``. Call it on every rank."""
     checkpoint_engine = CkptkitCheckpointEngine(
-        root_url, engine=engine, timeout_s=timeout_s, **storage_options
+        root_url, engine=engine, timeout_s=timeout_s, digest=digest, **storage_options
     )
     engine.checkpoint_engine = checkpoint_engine
     return checkpoint_engine

@@ -48,7 +48,7 @@ from ckptkit.errors import (
 )
 from ckptkit.formats.hf_trainer import CHECKPOINT_DIR
 from ckptkit.formats.layout import detect_layout
-from ckptkit.hashing import digest_object
+from ckptkit.hashing import choose_algorithm, digest_objects
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.ops.verify import VerifyReport, default_jobs, verify_checkpoint
 from ckptkit.storage import Store, open_store
@@ -132,13 +132,16 @@ def commit_hf_checkpoint(
     metrics: dict[str, float] | None = None,
     metadata: dict[str, Any] | None = None,
     jobs: int | None = None,
+    digest: str | None = None,
 ) -> Manifest:
-    """Hash every file of the Trainer-written ``root/name`` and commit its manifest, create-only.
+    """Hash every file of the Trainer-written ``root/name`` and commit its manifest, create-only;
+    ``digest`` (``blake3``, ``sha256``, None for ``CKPTKIT_DIGEST`` or BLAKE3) is how.
 
     Unlike :func:`ckptkit.ops.index.index_checkpoint` this indexes the whole directory even when
     it holds a DeepSpeed ``latest`` file (HF + DeepSpeed writes ``checkpoint-N/global_stepN/``
     plus ``latest``: the Trainer's checkpoint is all of it) and records the Trainer's metrics.
     """
+    algorithm = choose_algorithm(digest)
     checkpoint = root.child(name)
     objects = [info for info in checkpoint.list("") if _indexable(info.key)]
     if not objects:
@@ -151,9 +154,8 @@ def commit_hf_checkpoint(
         root.sync_prefix(name)
     layout = detect_layout(o.key for o in objects)
     with ThreadPoolExecutor(max_workers=jobs or default_jobs()) as pool:
-        entries = [
-            FileEntry.from_digest(o.key, digest_object(checkpoint, o.key, o.size, pool)) for o in objects
-        ]
+        digests = digest_objects(checkpoint, [(o.key, o.size) for o in objects], pool, algorithm=algorithm)
+        entries = [FileEntry.from_digest(o.key, d) for o, d in zip(objects, digests, strict=True)]
     manifest = Manifest.create(
         step=step, layout=layout.kind, files=entries, topology=layout.topology,
         metadata=metadata, metrics=metrics,
@@ -242,6 +244,8 @@ class CkptkitCallback(TrainerCallback):
     (:class:`ckptkit.mirror.Mirror`); retention deletes at the mirror too, leaves a checkpoint
     that is still uploading alone until it is mirrored, and ``on_train_end`` waits for the uploads
     and raises :class:`~ckptkit.mirror.MirrorError` if any failed.
+
+    ``digest`` is how files are hashed into each manifest, as for ``ckptkit.save``.
     """
 
     def __init__(
@@ -252,12 +256,14 @@ class CkptkitCallback(TrainerCallback):
         jobs: int | None = None,
         mirror: str | None = None,
         mirror_options: dict[str, Any] | None = None,
+        digest: str | None = None,
     ) -> None:
         if verify not in ("full", "quick"):
             raise ValueError(f"verify must be 'full' or 'quick', got {verify!r}")
         self.retention = retention
         self.verify = verify
         self.jobs = jobs
+        self.digest = None if digest is None else choose_algorithm(digest)
         self.mirror_url = mirror
         self.mirror_options = dict(mirror_options or {})
         self.mirror: Mirror | None = None
@@ -320,7 +326,7 @@ class CkptkitCallback(TrainerCallback):
             root, name, step=state.global_step,
             metrics=metrics_at_step(state.log_history, state.global_step),
             metadata={"producer": PRODUCER, "epoch": state.epoch},
-            jobs=self.jobs,
+            jobs=self.jobs, digest=self.digest,
         )
         verify_or_uncommit(root.child(name), quick=self.verify == "quick", jobs=self.jobs)
         self._on_committed(name)

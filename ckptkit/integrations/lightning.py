@@ -57,7 +57,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 from ckptkit.catalog import list_checkpoints, read_manifest
 from ckptkit.commit import CheckpointTransaction, delete_checkpoint
 from ckptkit.errors import ChecksumMismatchError, FormatError, NotCommittedError, UnstorableValueError
-from ckptkit.hashing import digest_bytes
+from ckptkit.hashing import choose_algorithm, digest_bytes
 from ckptkit.manifest import MANIFEST_NAME, Manifest
 from ckptkit.native import read_native, write_native
 from ckptkit.native.files import native_files
@@ -89,6 +89,7 @@ class CkptkitCheckpointIO(CheckpointIO):
 
     Paths are local paths or URLs (``s3://bucket/run/epoch=0-step=10.ckpt``); ``storage_options``
     go to :func:`ckptkit.open_store` for every path (for S3: ``endpoint_url``, ``key``, ...).
+    ``digest`` is how files are hashed into each manifest, as for ``ckptkit.save``.
     """
 
     def __init__(
@@ -97,10 +98,12 @@ class CkptkitCheckpointIO(CheckpointIO):
         *,
         max_shard_size: int = _DEFAULT_SHARD_SIZE,
         jobs: int = 4,
+        digest: str | None = None,
     ) -> None:
         self.storage_options = dict(storage_options or {})
         self.max_shard_size = max_shard_size
         self.jobs = jobs
+        self.digest = None if digest is None else choose_algorithm(digest)
         # One store per parent directory: on S3 each store holds a connection pool.
         self._stores: dict[str, Store] = {}
 
@@ -114,7 +117,8 @@ class CkptkitCheckpointIO(CheckpointIO):
             )
         root, name = self._locate(path)
         save_lightning_checkpoint(
-            root, name, checkpoint, max_shard_size=self.max_shard_size, jobs=self.jobs, replace=True
+            root, name, checkpoint, max_shard_size=self.max_shard_size, jobs=self.jobs, replace=True,
+            digest=self.digest,
         )
 
     def load_checkpoint(
@@ -163,17 +167,20 @@ def save_lightning_checkpoint(
     max_shard_size: int = _DEFAULT_SHARD_SIZE,
     jobs: int = 4,
     replace: bool = False,
+    digest: str | None = None,
 ) -> Manifest:
     """Write a Lightning checkpoint dict as checkpoint ``name`` under ``root`` and commit it.
 
     With ``replace``, a committed checkpoint of that name is deleted first; without it, saving
-    over one raises :class:`~ckptkit.errors.CommitConflictError`.
+    over one raises :class:`~ckptkit.errors.CommitConflictError`. ``digest`` is as for
+    ``ckptkit.save``.
     """
+    algorithm = choose_algorithm(digest)  # a bad name fails before the old checkpoint is deleted
     split = _split_checkpoint(checkpoint)
     extra = _extra_blob(split)  # before anything is written: a refused value leaves no debris
     if replace and root.exists(join_key(name, MANIFEST_NAME)):
         delete_checkpoint(root, name)
-    with CheckpointTransaction(root, name) as txn:
+    with CheckpointTransaction(root, name, digest=algorithm) as txn:
         write_native(split.tree, txn, max_shard_size=max_shard_size, jobs=jobs)
         if extra is not None:
             txn.write(EXTRA_FILE, extra)
@@ -297,7 +304,7 @@ def _read_extra(files: Store, manifest: Manifest, name: str, map_location: Any) 
     entry = listed.get(name)
     if entry is None:
         raise FormatError(f"{files.url}/{name}: named by the manifest's metadata but not listed in it")
-    actual = digest_bytes(data).digest
+    actual = digest_bytes(data, algorithm=entry.algorithm).digest
     if actual != entry.digest:
         raise ChecksumMismatchError(entry.path, entry.digest, actual, (0, len(data)))
     # torch.load's callable map_location has another signature than ckptkit's; such values

@@ -24,7 +24,7 @@ Differences from DeepSpeed's tool, on purpose:
 The plan becomes a :class:`~ckptkit.ops.convert_source.Source` and goes through
 :mod:`ckptkit.ops.pipeline`, the write–reload–commit pipeline ``convert`` uses too: the output is
 committed (layout ``files``) only after every written tensor has been re-read from the staged
-files and compared (sha256 of its bytes) with what was meant to be written.
+files and compared (a digest of its bytes) with what was meant to be written.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ckptkit.errors import FormatError, InvalidURLError, NotFoundError
 from ckptkit.formats.deepspeed import check_tag_name, is_tag_directory, resolve_latest, tag_files
 from ckptkit.formats.dtypes import torch_itemsize
 from ckptkit.formats.torchfile import read_torch_file
+from ckptkit.hashing import choose_algorithm
 from ckptkit.ops.convert_source import Source, SourceTensor, read_directory
 from ckptkit.ops.inspect.values import as_tensor
 from ckptkit.ops.pipeline import WriteReport, dtype_name, make_plan, write_checkpoint
@@ -479,16 +480,19 @@ def consolidate_zero(
     max_shard_size: str | int = "5GB",
     fmt: str = "safetensors",
     progress: Progress | None = None,
+    digest: str | None = None,
     **storage_options: Any,
 ) -> ConsolidateResult:
     """Consolidate the ZeRO checkpoint ``src`` into an HF-style state dict committed at ``out``.
 
     ``src`` is a DeepSpeed save dir (holding ``latest``) or a tag directory; ``out`` any store URL,
     whose last component becomes the committed checkpoint. ``progress`` hears of the tensor bytes
-    as they are written. Raises :class:`VerificationError` (and
-    commits nothing) if any tensor read back differs from what was written.
+    as they are written; ``digest`` is how the manifest hashes the files, as in ``ckptkit.save``.
+    Raises :class:`VerificationError` (and commits nothing) if any tensor read back differs from
+    what was written.
     """
     t0 = time.perf_counter()
+    digest = choose_algorithm(digest)  # a bad name fails before anything is read
     target = dtype_name(dtype)
     if fmt not in FORMATS:
         raise InvalidURLError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -503,7 +507,8 @@ def consolidate_zero(
         "dtype": dtype, "dp_world_size": zero.world_size,
     }
     written = write_checkpoint(
-        plan, out, max_shard_size=limit, step=zero.global_steps, metadata=metadata, **storage_options
+        plan, out, max_shard_size=limit, step=zero.global_steps, metadata=metadata, digest=digest,
+        **storage_options,
     )
     return ConsolidateResult(
         url=written.url, source=zero.store.url, to=fmt, dtype=target, files=written.files,

@@ -12,7 +12,7 @@ through :mod:`ckptkit.ops.pipeline`, the write–reload–commit pipeline ``cons
 * ``dcp`` / ``native``: through a memory-mapped local spool.
 
 Before DST looks complete, every tensor is re-read from what was written and compared with SRC
-(names, dtype after ``--dtype``, shape, tie, sha256 of the bytes); a mismatch raises
+(names, dtype after ``--dtype``, shape, tie, digest of the bytes); a mismatch raises
 :class:`VerificationError` and leaves no DST.
 """
 
@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ckptkit.hashing import choose_algorithm
 from ckptkit.ops.convert_source import Source, read_directory, read_file
 from ckptkit.ops.pipeline import (
     WriteReport,
@@ -58,16 +59,19 @@ def convert(
     dtype: str | None = None,
     max_shard_size: str | int | None = None,
     progress: Progress | None = None,
+    digest: str | None = None,
     **storage_options: Any,
 ) -> ConvertResult:
     """Convert the state dict at ``src`` into format ``to`` at ``dst``, then reload and compare it.
 
     ``progress`` hears of the tensor bytes as they are written (up to the report's
-    ``total_size``). Raises :class:`VerificationError` (and leaves no DST) when
-    anything read back differs.
+    ``total_size``). ``digest`` is how a directory DST's manifest hashes its files, as in
+    ``ckptkit.save`` (a single-file DST has no manifest). Raises :class:`VerificationError`
+    (and leaves no DST) when anything read back differs.
     """
     t0 = time.perf_counter()
     check_target(to)
+    digest = choose_algorithm(digest)  # a bad name fails before anything is read
     target = dtype_name(dtype)
     found = resolve_target(src, **storage_options)
     source = read_file(found.store, found.key) if found.key is not None else read_directory(found.store)
@@ -77,7 +81,8 @@ def convert(
     else:
         metadata = {"converted_from": source.kind, "dtype": target}
         written = write_checkpoint(
-            plan, dst, max_shard_size=max_shard_size, step=None, metadata=metadata, **storage_options
+            plan, dst, max_shard_size=max_shard_size, step=None, metadata=metadata, digest=digest,
+            **storage_options,
         )
     return ConvertResult(
         url=written.url, source=source.url, source_kind=source.kind, to=to, dtype=target,

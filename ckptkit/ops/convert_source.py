@@ -19,7 +19,7 @@ import io
 import json
 import math
 import posixpath
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -302,11 +302,16 @@ class _RangeStore(Store):
         hi = self._length if end is None else min(end, self._length)
         return self._store.get(self._key, self._offset + lo, self._offset + hi) if hi > lo else b""
 
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self._check(key)
+        inside = [(min(s, self._length), min(max(s, e), self._length)) for s, e in ranges]
+        return self._store.read_ranges(self._key, [(self._offset + s, self._offset + e) for s, e in inside])
+
     def head(self, key: str) -> ObjectInfo:
         self._check(key)
         return ObjectInfo(key, self._length)
 
-    def open_read(self, key: str) -> BinaryIO:
+    def open_read(self, key: str, *, size: int | None = None) -> BinaryIO:
         # An item is one tensor's chunk, which convert holds whole anyway.
         return io.BytesIO(self.get(key))
 

@@ -18,7 +18,7 @@ from ckptkit.errors import AlreadyExistsError, CommitConflictError, FormatError,
 from ckptkit.formats.deepspeed import resolve_latest
 from ckptkit.formats.hf_trainer import trainer_step
 from ckptkit.formats.layout import detect_layout
-from ckptkit.hashing import digest_object
+from ckptkit.hashing import choose_algorithm, digest_objects
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.ops.verify import default_jobs
 from ckptkit.progress import NO_PROGRESS, Progress
@@ -52,12 +52,14 @@ def index_checkpoint(
     metadata: dict[str, Any] | None = None,
     jobs: int | None = None,
     progress: Progress | None = None,
+    digest: str | None = None,
 ) -> IndexResult:
     """Hash every file below ``checkpoint`` and commit a manifest for them; ``progress`` hears
-    of the bytes hashed.
+    of the bytes hashed; ``digest`` is as for :class:`~ckptkit.commit.CheckpointTransaction`.
 
     If ``checkpoint`` is a DeepSpeed root with a ``latest`` file, the tag it names is indexed.
     """
+    algorithm = choose_algorithm(digest)  # a bad name fails before anything is read
     tag = resolve_latest(checkpoint)
     if tag is not None and not checkpoint.exists(MANIFEST_NAME):
         checkpoint = checkpoint.child(tag)
@@ -65,7 +67,8 @@ def index_checkpoint(
     if existing and not force:
         raise CommitConflictError(f"{checkpoint.url} is already committed (use --force to re-index)")
     manifest = build_index_manifest(
-        checkpoint, step=step, metadata=metadata, jobs=jobs, allow_attempt_data=existing, progress=progress
+        checkpoint, step=step, metadata=metadata, jobs=jobs, allow_attempt_data=existing, progress=progress,
+        digest=algorithm,
     )
     try:
         publish_manifest(checkpoint, manifest, overwrite=force)
@@ -82,9 +85,11 @@ def build_index_manifest(
     jobs: int | None = None,
     allow_attempt_data: bool = False,
     progress: Progress | None = None,
+    digest: str | None = None,
 ) -> Manifest:
     """Hash every file below ``checkpoint`` into a manifest, without publishing it
     (``index`` publishes it in place; ``sync --index`` commits it at the destination only)."""
+    algorithm = choose_algorithm(digest)
     objects = [info for info in checkpoint.list("") if _indexable(info)]
     if not objects:
         raise NotFoundError(f"{checkpoint.url}: no such directory, or no files to index")
@@ -97,7 +102,7 @@ def build_index_manifest(
             )
     dir_name = checkpoint.url.rstrip("/").rsplit("/", 1)[-1]
     layout = detect_layout(o.key for o in objects)
-    entries = _digest_all(checkpoint, objects, jobs or default_jobs(), progress or NO_PROGRESS)
+    entries = _digest_all(checkpoint, objects, algorithm, jobs or default_jobs(), progress or NO_PROGRESS)
     return Manifest.create(
         step=step if step is not None else _step(checkpoint, layout.kind, dir_name),
         layout=layout.kind,
@@ -108,19 +113,19 @@ def build_index_manifest(
 
 
 def _digest_all(
-    checkpoint: Store, objects: list[ObjectInfo], jobs: int, progress: Progress
+    checkpoint: Store, objects: list[ObjectInfo], algorithm: str, jobs: int, progress: Progress
 ) -> list[FileEntry]:
     progress.start(sum(o.size for o in objects), len(objects))
+    entries = []
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            return [_digest_one(checkpoint, info, pool, progress) for info in objects]
+            digests = digest_objects(
+                checkpoint, [(o.key, o.size) for o in objects], pool,
+                algorithm=algorithm, on_bytes=progress.advance,
+            )
+            for info, digest in zip(objects, digests, strict=True):
+                entries.append(FileEntry.from_digest(info.key, digest))
+                progress.file_done()
+        return entries
     finally:
         progress.finish()
-
-
-def _digest_one(
-    checkpoint: Store, info: ObjectInfo, pool: ThreadPoolExecutor, progress: Progress
-) -> FileEntry:
-    digest = digest_object(checkpoint, info.key, info.size, pool, on_bytes=progress.advance)
-    progress.file_done()
-    return FileEntry.from_digest(info.key, digest)

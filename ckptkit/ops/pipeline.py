@@ -14,7 +14,7 @@ and hand it here:
    hidden name beside its destination.
 3. **reload and compare**: every tensor is re-read from what was written through the readers
    that read sources (:mod:`ckptkit.ops.convert_source`) and compared with what was meant: name,
-   dtype, shape, tie, and the sha256 of its bytes. A mismatch raises :class:`VerificationError`
+   dtype, shape, tie, and the digest (BLAKE3) of its bytes. A mismatch raises :class:`VerificationError`
    before anything is committed.
 4. **commit**: the transaction's manifest (a directory), or a rename / one object copy (a file).
 
@@ -47,7 +47,7 @@ from ckptkit.formats.safetensors_writer import (
 )
 from ckptkit.formats.torch_writer import torch_zip_chunks
 from ckptkit.ops.convert_source import Source, native_source, read_directory, read_file
-from ckptkit.ops.tensor_io import FLOATS, cast_chunks, out_dtype, parse_size, prefetched, sha256_of
+from ckptkit.ops.tensor_io import FLOATS, cast_chunks, content_digest, out_dtype, parse_size, prefetched
 from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage import Store, open_store, split_parent
 
@@ -159,7 +159,7 @@ class Plan:
     # False names it in the metadata only. Either way the tie is recorded.
     alias_copies: bool = False
     metadata: dict[str, str] = field(default_factory=dict)  # more safetensors header metadata
-    expected: dict[str, str] = field(default_factory=dict)  # written name -> sha256 of its bytes
+    expected: dict[str, str] = field(default_factory=dict)  # written name -> digest of its bytes
     # Hears of each chunk of tensor bytes as it is written (from a read-ahead thread).
     progress: Progress = NO_PROGRESS
 
@@ -225,15 +225,16 @@ def write_checkpoint(
     max_shard_size: str | int | None,
     step: int | None,
     metadata: dict[str, Any],
+    digest: str | None = None,
     **storage_options: Any,
 ) -> Written:
     """Write ``plan`` as a checkpoint directory at ``dst``, reload and compare it, then commit it
-    (layout by format; ``step`` and ``metadata`` go into the manifest). ``max_shard_size`` None is
-    the default, 5GB."""
+    (layout by format; ``step`` and ``metadata`` go into the manifest, its files hashed under
+    ``digest`` as in ``ckptkit.save``). ``max_shard_size`` None is the default, 5GB."""
     limit = parse_size(max_shard_size or DEFAULT_SHARD)
     parent, name = split_parent(dst)
     root = open_store(parent, **storage_options)
-    with CheckpointTransaction(root, name) as txn:
+    with CheckpointTransaction(root, name, digest=digest) as txn:
         files = _write_into(txn, plan, limit)
         reread = native_source(txn.files) if plan.to == "native" else read_directory(txn.files)
         checks = _reload_check(plan, reread, {})
@@ -371,7 +372,7 @@ def _spooled_state(plan: Plan, path: str) -> dict[str, Any]:
                 continue
             spool.write(b"\0" * (-spool.tell() % 64))  # aligned, so every dtype view is legal
             offsets[t.name] = spool.tell()
-            plan.expected[t.name] = sha256_of(_tee(t.chunks(), spool))
+            plan.expected[t.name] = content_digest(_tee(t.chunks(), spool))
     state: dict[str, Any] = {}
     for t in plan.outs:
         if t.source is not None:
@@ -411,7 +412,7 @@ def _write_dcp(txn: CheckpointTransaction, state: dict[str, Any], directory: str
 
 
 def _reload_check(plan: Plan, written: Source, rename: dict[str, str]) -> list[TensorCheck]:
-    """Every planned name against what was written: dtype, shape, tie, sha256 of the bytes read back."""
+    """Every planned name against what was written: dtype, shape, tie, digest of the bytes read back."""
 
     def check(out: OutTensor) -> TensorCheck:
         stored_as = written.aliases.get(out.name, out.name)
@@ -422,7 +423,7 @@ def _reload_check(plan: Plan, written: Source, rename: dict[str, str]) -> list[T
             problem = f"written as {found.dtype}{list(found.shape)}, meant {out.dtype}{list(out.shape)}"
         elif stored_as != out.name and stored_as != out.source:
             problem = f"tied to {stored_as!r} in the output, to {out.source!r} in the source"
-        elif sha256_of(found.chunks()) != plan.expected.get(out.source or out.name):
+        elif content_digest(found.chunks()) != plan.expected.get(out.source or out.name):
             problem = "bytes read back differ from the source's (after the cast)"
         else:
             problem = None
@@ -433,7 +434,7 @@ def _reload_check(plan: Plan, written: Source, rename: dict[str, str]) -> list[T
             not problem, problem,
         )
 
-    # Reads and sha256 release the GIL: a few threads re-read tensors side by side.
+    # Reads and hashing release the GIL: a few threads re-read tensors side by side.
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptkit-reload") as pool:
         checks = list(pool.map(check, plan.outs))
     extra = sorted(set(written.names) - {t.name for t in plan.outs})

@@ -28,6 +28,7 @@ from ckptkit.pickle import PickleFormatError, load_symbolic
 from ckptkit.pickle.policy import UNSAFE_CLASSES
 from ckptkit.pickle.values import GlobalUse
 from ckptkit.storage import Store
+from ckptkit.storage.read_cache import ReadCache
 from ckptkit.storage.target import resolve_target
 
 PROBE_BYTES = 1 << 20  # how much of a non-pickle file is probed as pickle.load would read it
@@ -164,7 +165,11 @@ def scan(path: str | os.PathLike[str] | Store, **storage_options: Any) -> ScanRe
 
 def scan_file(store: Store, key: str) -> FileScan:
     """Scan one file of ``store``, dispatching on its content."""
-    found = detect(store, key)
+    size = store.head(key).size
+    # The readers below ask for the size again (the tar reader to open its stream) and re-read
+    # what sniffing read: one HEAD per file, and each small range fetched once.
+    store = ReadCache(store, {key: size})
+    found = detect(store, key, size)
     result = FileScan(key, found.kind, found.detail)
     reader = _READERS.get(found.kind, _probe)
     try:

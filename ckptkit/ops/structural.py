@@ -38,6 +38,7 @@ from ckptkit.formats.torchfile import TorchFile, read_torch_file
 from ckptkit.ops.verify_report import Finding, VerifyReport
 from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage import Store
+from ckptkit.storage.read_cache import ReadCache
 
 MAX_JSON_BYTES = 64 << 20
 # Extensions that promise a checkpoint format: unknown content behind one is a finding.
@@ -74,12 +75,14 @@ def verify_structure(
     for internal consistency; no manifest is needed. ``progress`` hears of each file checked."""
     started = time.perf_counter()
     url = f"{store.url.rstrip('/')}/{keys[0]}" if keys and len(keys) == 1 else store.url
-    ctx = _Context(store, VerifyReport(url=url, status="failed"))
     if keys is None:
-        ctx.sizes = {info.key: info.size for info in store.list("")}
-        keys = list(ctx.sizes)
+        known = {info.key: info.size for info in store.list("")}
+        keys = list(known)
     else:
-        ctx.sizes = {k: size for k, size in (sizes or {}).items() if size is not None}
+        known = {k: size for k, size in (sizes or {}).items() if size is not None}
+    # Several readers look at each file in turn (sniffing, the zip directory, the pickle): through
+    # the cache each small range is fetched once, and the listing's sizes answer every HEAD.
+    ctx = _Context(ReadCache(store, known), VerifyReport(url=url, status="failed"), sizes=known)
     keys = sorted(keys)
     ctx.report.layout = detect_layout(keys).kind
     _check_files(ctx, keys, progress or NO_PROGRESS)
@@ -126,10 +129,9 @@ def _check_file(ctx: _Context, key: str) -> None:
         return
     if found.kind in _CHECKPOINT_KINDS:
         ctx.report.checkpoint_files = (ctx.report.checkpoint_files or 0) + 1
-    if found.kind in ("torch-zip", "torchscript", "zip"):
-        _check_zip(ctx, key)
+    archive = _check_zip(ctx, key) if found.kind in ("torch-zip", "torchscript", "zip") else None
     if found.kind in ("torch-zip", "torch-legacy", "pickle"):
-        torch_file = read_torch_file(ctx.store, key)
+        torch_file = read_torch_file(ctx.store, key, archive=archive)
         ctx.torch_files[key] = torch_file
         for problem in torch_file.problems:
             if "CRC-32" not in problem:  # _check_zip reported every record's CRC already
@@ -148,17 +150,20 @@ def _check_file(ctx: _Context, key: str) -> None:
         _check_json(ctx, key)
 
 
-def _check_zip(ctx: _Context, key: str) -> None:
+def _check_zip(ctx: _Context, key: str) -> zr.ZipArchive:
     archive = zr.read_zip(ctx.store, key)  # directory and record bounds: FormatError if broken
     for problem in archive.problems:
         ctx.error(key, "zip", problem)
+    # Every record in one pass in offset order: a remote file is read once, in large requests.
+    crcs = zr.record_crcs(ctx.store, archive)
     for entry in archive.entries:
         if entry.crc32 == 0 and entry.size:
             ctx.warn(key, "crc", f"{entry.name}: no CRC-32 recorded (written with CRCs off); not checked")
             continue
         ctx.report.bytes_checked += entry.compressed_size
-        if not zr.crc_check(ctx.store, entry):
+        if crcs[entry.index] != entry.crc32:
             ctx.error(key, "crc", f"{entry.name}: fails its CRC-32 check: the bytes changed after writing")
+    return archive
 
 
 def _check_json(ctx: _Context, key: str) -> None:

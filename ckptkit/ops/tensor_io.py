@@ -8,7 +8,6 @@ casts are bit shuffles done in numpy.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from ckptkit.errors import FormatError, InvalidURLError
 from ckptkit.formats.dtypes import torch_itemsize
+from ckptkit.formats.safetensors_writer import tensor_hasher
 from ckptkit.storage import Store
 
 READ_CHUNK = 16 << 20  # bytes per ranged read: bounds memory, large enough to stream at disk speed
@@ -45,16 +45,33 @@ class Piece:
 
 
 def read_pieces(store: Store, pieces: Iterable[Piece], itemsize: int) -> Iterator[bytes]:
-    """The pieces' bytes in bounded ranged reads; every chunk holds whole elements."""
+    """The pieces' bytes in bounded ranged reads; every chunk holds whole elements.
+
+    Consecutive chunks of one file, up to READ_CHUNK bytes, go to the store in one
+    ``read_ranges`` call: a run of small tensors stored side by side costs one request on an
+    object store, not one each, and memory stays bounded by READ_CHUNK."""
     step = READ_CHUNK - READ_CHUNK % itemsize
+    batch: list[tuple[int, int]] = []
+    batch_key = ""
     for p in pieces:
         n = p.numel * itemsize
         for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            data = store.get(p.key, p.offset + lo, p.offset + hi)
-            if len(data) != hi - lo:
-                raise FormatError(f"{p.key}: file ends inside a tensor at byte {p.offset + lo}")
-            yield data
+            chunk = (p.offset + lo, p.offset + min(n, lo + step))
+            held = sum(e - s for s, e in batch)
+            if batch and (p.key != batch_key or held + chunk[1] - chunk[0] > READ_CHUNK):
+                yield from _read_batch(store, batch_key, batch)
+                batch = []
+            batch_key = p.key
+            batch.append(chunk)
+    if batch:
+        yield from _read_batch(store, batch_key, batch)
+
+
+def _read_batch(store: Store, key: str, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
+    for (start, end), data in zip(ranges, store.read_ranges(key, ranges), strict=True):
+        if len(data) != end - start:
+            raise FormatError(f"{key}: file ends inside a tensor at byte {start}")
+        yield data
 
 
 def itemsize_of(dtype: str) -> int:
@@ -100,9 +117,9 @@ def cast_chunks(chunks: Iterable[bytes | memoryview], src: str, dst: str) -> Ite
         yield cast(data, src, dst)
 
 
-def sha256_of(chunks: Iterable[bytes | memoryview]) -> str:
-    # sha256 runs at GB/s through OpenSSL; blake2b here is several times slower.
-    hasher = hashlib.sha256()
+def content_digest(chunks: Iterable[bytes | memoryview]) -> str:
+    """The writers' digest (:func:`tensor_hasher`) of bytes read back, to compare with theirs."""
+    hasher = tensor_hasher()
     for chunk in chunks:
         hasher.update(chunk)
     return hasher.hexdigest()

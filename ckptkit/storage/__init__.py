@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -24,10 +25,11 @@ __all__ = [
 _BACKENDS = {
     "s3": ("s3fs", "pip install 'ckptkit[s3]'"),
     "s3a": ("s3fs", "pip install 'ckptkit[s3]'"),
-    "gs": ("gcsfs", "pip install gcsfs"),
-    "gcs": ("gcsfs", "pip install gcsfs"),
-    "az": ("adlfs", "pip install adlfs"),
-    "abfs": ("adlfs", "pip install adlfs"),
+    "gs": ("gcsfs", "pip install 'ckptkit[gcs]'"),
+    "gcs": ("gcsfs", "pip install 'ckptkit[gcs]'"),
+    "az": ("adlfs", "pip install 'ckptkit[azure]'"),
+    "abfs": ("adlfs", "pip install 'ckptkit[azure]'"),
+    "abfss": ("adlfs", "pip install 'ckptkit[azure]'"),
 }
 
 
@@ -61,6 +63,10 @@ def open_store(url: str | os.PathLike[str] | Store, **options: Any) -> Store:
     ``options`` go to the backend (for S3: ``endpoint_url``, ``key``, ``secret``, ``profile``,
     ``anon``...). Without them S3 takes credentials and endpoint the way the AWS tools do:
     environment variables (incl. ``AWS_ENDPOINT_URL``), then the shared config and profile.
+    ``gs://`` (gcsfs) does as Google's tools do: ``STORAGE_EMULATOR_HOST`` names an emulator
+    (then no credentials are sent), else application default credentials; ``az://`` and
+    ``abfs://`` (adlfs) read ``AZURE_STORAGE_CONNECTION_STRING`` or ``AZURE_STORAGE_ACCOUNT_NAME``
+    and its key. docs/storage.md has a section per store.
     """
     if isinstance(url, Store):
         return url
@@ -91,17 +97,26 @@ def _open_fsspec(scheme: str, url: str, options: dict[str, Any]) -> Store:
         raise BackendMissingError(scheme, package, install) from exc
     if scheme in ("s3", "s3a"):
         options = _s3_options(options)
+    elif scheme in ("gs", "gcs"):
+        fs_class, options = _gcs_class_and_options(fs_class, options)
+    elif scheme in ("az", "abfs", "abfss"):
+        options = _fresh_listings(options)
     with translate_backend_errors(url):
         fs = fs_class(**options)
     root = fs_class._strip_protocol(url)
     return FsspecStore(fs, scheme, root)
 
 
-def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
+def _fresh_listings(options: dict[str, Any]) -> dict[str, Any]:
     options = dict(options)
     # Listings must be fresh: other processes (ranks, a sync, a crashed writer) change the bucket.
     options.setdefault("use_listings_cache", False)
     options.setdefault("skip_instance_cache", True)
+    return options
+
+
+def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    options = _fresh_listings(options)
     # botocore reads AWS_ENDPOINT_URL itself since 1.31; passing it explicitly also covers
     # older botocore releases and the S3-specific variable.
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -110,3 +125,25 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
     if "region" in options:
         options.setdefault("client_kwargs", {})["region_name"] = options.pop("region")
     return options
+
+
+def _gcs_class_and_options(fs_class: type, options: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    # gcsfs logs each failure it gives up on with a traceback, then raises it; ckptkit reports
+    # the raised error once, translated. Without a handler of its own, Python's last-resort
+    # handler would print that traceback on stderr; applications that configure logging still
+    # see the records.
+    logging.getLogger("gcsfs").addHandler(logging.NullHandler())
+    options = _fresh_listings(options)
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")
+    if emulator:
+        # As Google's own client libraries do: an emulator takes no credentials, and looking for
+        # them (the GCE metadata server among others) only costs time.
+        options.setdefault("token", "anon")
+    if emulator or "endpoint_url" in options:
+        # gcsfs's default class first asks the storage control API, over gRPC, whether a bucket
+        # is zonal; an emulator has no such API and each bucket would wait a minute for the
+        # answer. The JSON API class does everything ckptkit needs.
+        from gcsfs.core import GCSFileSystem
+
+        fs_class = GCSFileSystem
+    return fs_class, options

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -82,8 +82,23 @@ class Store(abc.ABC):
         """Bytes ``[start, end)`` of ``key`` (the whole object by default)."""
 
     @abc.abstractmethod
-    def open_read(self, key: str) -> BinaryIO:
-        """A streaming, seekable binary reader of ``key``."""
+    def open_read(self, key: str, *, size: int | None = None) -> BinaryIO:
+        """A streaming, seekable binary reader of ``key``.
+
+        ``size`` is the object's size where the caller knows it (a listing, a manifest), or the
+        end of the range it will read (hashing one chunk passes the chunk's end): a remote store
+        then needs no request to learn the size and reads ahead no further. A caller that passes
+        it reads no further than it; a remote stream ends early where the object does.
+        """
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``(start, end)`` of ``key``, as ``get(key, start, end)`` returns them.
+
+        One call for many ranges of one object lets a remote store merge neighbours into one
+        request and run requests concurrently (``storage/ranged.py``); this default reads them
+        one by one. A missing key is :class:`NotFoundError` as for ``get``.
+        """
+        return [self.get(key, start, end) for start, end in ranges]
 
     @abc.abstractmethod
     def head(self, key: str) -> ObjectInfo:

@@ -10,8 +10,7 @@ import contextlib
 import datetime as dt
 import errno
 import io
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 from ckptkit.errors import (
@@ -23,6 +22,7 @@ from ckptkit.errors import (
     PermanentStorageError,
     StorageError,
 )
+from ckptkit.storage import ranged
 from ckptkit.storage.base import (
     Chunks,
     ObjectInfo,
@@ -32,13 +32,15 @@ from ckptkit.storage.base import (
     iter_chunks,
     normalize_key,
 )
+from ckptkit.storage.conditional import CONDITIONAL_CREATE as _CONDITIONAL_CREATE
+from ckptkit.storage.conditional import put_if_absent
+from ckptkit.storage.fsspec_reads import streamer, submitter
+from ckptkit.storage.s3_client import release as release_data_path
 from ckptkit.storage.s3_multipart import upload_stream
 
-# Protocols whose create-only write is atomic against other writers: S3's conditional PUT
-# (If-None-Match: *), and the in-process memory filesystem guarded by our lock.
-_CONDITIONAL_CREATE = {"s3", "s3a", "memory"}
-_MEMORY_CREATE_LOCK = threading.Lock()
 _STREAM_BLOCK = 16 << 20
+# Object stores whose root's first segment is a bucket (GCS) or container (Azure).
+_BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
 # Connection failures by class name: aiohttp, botocore and the builtins share no base class.
@@ -59,12 +61,31 @@ def _connection_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _range_refused(exc: BaseException) -> bool:
+    """HTTP 416: s3fs raises it as OSError(EINVAL), gcsfs as its HttpError with ``code``, the
+    Azure SDK as HttpResponseError with ``status_code``."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.EINVAL
+    return 416 in (getattr(exc, "code", None), getattr(exc, "status_code", None))
+
+
 def _credentials_hint(exc: BaseException) -> str | None:
     name = type(exc).__name__
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return (
             "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "AWS_PROFILE, or pass key=/secret= storage options"
+        )
+    if name == "DefaultCredentialsError":  # google.auth, raised by gcsfs
+        return (
+            "no Google Cloud credentials found: set GOOGLE_APPLICATION_CREDENTIALS, run "
+            "`gcloud auth application-default login`, or pass token= (token='anon' for public data)"
+        )
+    if isinstance(exc, ValueError) and "connection_string or account_name" in str(exc):  # adlfs
+        return (
+            "no Azure credentials found: set AZURE_STORAGE_CONNECTION_STRING, or "
+            "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, "
+            "or pass account_name=/account_key= storage options"
         )
     return None
 
@@ -188,26 +209,51 @@ class FsspecStore(Store):
             if end is not None and end <= (start or 0):  # s3fs reads get(k, None, 0) as the whole object
                 self.head(key)  # an empty range of a missing object is still NotFoundError
                 return b""
-            if start is None and end is None and self.protocol in ("s3", "s3a"):
-                # Whole-object gets are small (manifests, tree.json); s3fs would otherwise send
-                # a HEAD first to decide whether to split the download.
-                return self.fs.cat_file(path, max_concurrency=1)
+            if self._ranged_reads:
+                if end is not None and end - (start or 0) > ranged.REQUEST_SIZE:
+                    return ranged.read_ranges(self._submit(key), [(start or 0, end)])[0]  # concurrent parts
+                # One GET, ranged or whole, and no HEAD first (a range at or past the end is b"").
+                return bytes(ranged.fetch(self._submit(key), start, end).data)
             try:
                 return self.fs.cat_file(path, start=start, end=end)
-            except OSError as exc:
-                # S3 refuses a range that starts at or past the end, any range of an empty
-                # object included (416, EINVAL); the contract, like a slice, gives b"" there.
-                # The HEAD is paid only on that refusal.
-                if exc.errno == errno.EINVAL and (start or 0) >= self.head(key).size:
+            except Exception as exc:
+                # A range that starts at or past the end is refused by some backends (416,
+                # EINVAL); the contract, like a slice, gives b"" there. The HEAD is paid only then.
+                if _range_refused(exc) and (start or 0) >= self.head(key).size:
                     return b""
                 raise
 
-    def open_read(self, key: str) -> BinaryIO:
+    def open_read(self, key: str, *, size: int | None = None) -> BinaryIO:
         with translate_backend_errors(self._describe(key)):
             if self.protocol == "memory":
                 # memory:// hands out its one stored file object; readers need their own cursor.
                 return io.BytesIO(self.fs.cat_file(self._path(key)))
-            return self.fs.open(self._path(key), "rb", block_size=_STREAM_BLOCK)
+            submit = self._submit(key)
+            first = None
+            if size is None and self._ranged_reads:
+                # The first block's answer names the object's size (Content-Range): no HEAD.
+                first = ranged.fetch(submit, 0, ranged.MIN_BLOCK)
+                size = first.size if first.size is not None else self.head(key).size  # empty: 416
+            elif size is None:
+                size = self.head(key).size
+        what = self._describe(key)
+        guard = lambda: translate_backend_errors(what)  # noqa: E731 - the reader enters it per wait
+        open_stream = streamer(self.fs, self.protocol, self._path(key))
+        return ranged.RangedReader(submit, size, what, first=first, guard=guard, open_stream=open_stream)
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if self.protocol == "memory" or not any(end > start for start, end in ranges):
+            return super().read_ranges(key, ranges)  # in-process bytes; or no request to make
+        with translate_backend_errors(self._describe(key)):
+            return ranged.read_ranges(self._submit(key), ranges)
+
+    @property
+    def _ranged_reads(self) -> bool:
+        """Whether this backend's answers carry the object's size (S3's Content-Range)."""
+        return self.protocol in ("s3", "s3a")
+
+    def _submit(self, key: str) -> ranged.Submit:
+        return submitter(self.fs, self.protocol, self._path(key))
 
     def head(self, key: str) -> ObjectInfo:
         with translate_backend_errors(self._describe(key)):
@@ -225,6 +271,10 @@ class FsspecStore(Store):
             except FileNotFoundError:
                 self._check_bucket()
                 return
+            if not found:  # adlfs lists a missing container as empty instead of raising
+                self._check_bucket()
+            if isinstance(found, list):  # adlfs's find of an object's own path: names, detail or not
+                found = {name: self.fs.info(name) for name in found}
         for name, info in sorted(found.items()):
             # fsspec's find of an object's own path returns that object, but nothing lies
             # *below* an object: listing "a/x" must not yield "a/x" (nor delete_prefix delete it).
@@ -282,9 +332,11 @@ class FsspecStore(Store):
             if self.fs.exists(path):
                 raise FileExistsError(path)
             mode = "overwrite"
-        if self.protocol == "memory" and mode == "create":
-            with _MEMORY_CREATE_LOCK:
-                self.fs.pipe_file(path, data, mode="create")
+        if mode == "create":
+            put_if_absent(self.fs, self.protocol, path, data, extra)
+        elif self.protocol in ("s3", "s3a"):
+            # The threaded data path, like a stream: no payload SHA-256 on s3fs's event loop.
+            upload_stream(self.fs, path, iter([memoryview(data)]), extra)
         else:
             self.fs.pipe_file(path, data, mode=mode, **extra)
         return len(data)
@@ -311,6 +363,10 @@ class FsspecStore(Store):
             f.closed = True  # discarded: its finaliser must not try to flush the upload
             raise
         return size
+
+    def close(self) -> None:
+        if self.protocol in ("s3", "s3a"):
+            release_data_path(self.fs)  # its pool and connections; made again on the next upload
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -340,7 +396,7 @@ class FsspecStore(Store):
     def _check_bucket(self) -> None:
         """A missing prefix lists as empty; a missing bucket is an error worth saying."""
         bucket = self.root.lstrip("/").split("/", 1)[0]
-        if self.protocol in ("s3", "s3a") and bucket and not self.fs.exists(bucket):
+        if self.protocol in _BUCKETED and bucket and not self.fs.exists(bucket):
             raise NotFoundError(f"{self.protocol}://{bucket}: bucket does not exist")
 
     def _describe(self, key: str) -> str:

@@ -1,26 +1,34 @@
 """Streaming a body of unknown length to S3: a multipart upload, a few parts in flight.
 
-s3fs's file object buffers each part in a ``BytesIO`` and copies it on the way out (about four
-part-sized copies per stream, ~90 MB each at 16 MiB parts) and uploads one part at a time. Here a
-part is the caller's chunks joined once (not at all when a chunk is a whole part, as ``sync``'s
-8 MiB reads are), and the next part is read while the last ones upload. Parts are 8 MiB for the
-first thousand (8 GB), then double every thousand, so the 10,000-part limit of S3 is reached only
-beyond 8 TB. Nothing is visible until ``CompleteMultipartUpload``; any failure aborts the upload.
-A body smaller than one part goes up in a single ``PutObject``.
+Every request goes through the filesystem's threaded data path (``s3_client``): the caller's
+thread reads (and, in ``sync``, hashes) the next part while earlier ones are on the wire from
+the pool, at most ``PARTS_IN_FLIGHT`` per stream. Requests that carry data (parts, a single
+``PutObject``) run on the pool, so at most ``DATA_THREADS`` bodies are in flight per store
+whatever the number of files; the small control requests (create, complete, abort) run in the
+caller's thread. A part is the caller's chunks joined once, and
+not copied at all when a chunk is a whole part (``sync``'s reads are exactly one part): the
+``bytes`` object read from the source is the body botocore sends. Parts are 8 MiB for the first
+thousand (8 GB), then double every thousand, so the 10,000-part limit of S3 is reached only
+beyond 8 TB. Nothing is visible until ``CompleteMultipartUpload``; any failure (the caller's
+iterator raising, a digest mismatch, a request failing, Ctrl-C) aborts the upload, so S3 keeps
+neither an object nor parts. A body of at most one part goes up in a single ``PutObject``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from ckptkit.storage.s3_client import DataPath, data_path
+
 PART_SIZE = 8 << 20
 PARTS_PER_SIZE = 1000  # parts of one size before the size doubles
-PARTS_IN_FLIGHT = 2
+# Parts of one stream on the wire at once; with sync's files in flight this fills the data
+# path's pool (s3_client.DATA_THREADS) and bounds a stream's memory to a few parts.
+PARTS_IN_FLIGHT = 3
 
 
 def part_size(part_number: int) -> int:
@@ -29,9 +37,10 @@ def part_size(part_number: int) -> int:
 
 
 def upload_stream(fs: Any, path: str, chunks: Iterator[memoryview], extra: dict[str, Any]) -> int:
-    """Upload ``chunks`` to ``path`` (``bucket/key``) with the s3fs filesystem ``fs``; returns
-    the size. ``extra`` goes to PutObject / CreateMultipartUpload (``Metadata``)."""
+    """Upload ``chunks`` to ``path`` (``bucket/key``) of the s3fs filesystem ``fs``; returns the
+    size. ``extra`` goes to PutObject / CreateMultipartUpload (``Metadata``)."""
     bucket, key, _ = fs.split_path(path)
+    data = data_path(fs)
     pending: list[memoryview] = []
     pending_size = 0
     upload: _Upload | None = None
@@ -42,13 +51,17 @@ def upload_stream(fs: Any, path: str, chunks: Iterator[memoryview], extra: dict[
             pending.append(view)
             pending_size += len(view)
             size += len(view)
-            while pending_size >= part_size((upload.parts_started if upload else 0) + 1):
+            # A body of exactly one part stays one PutObject: the upload starts on more than that.
+            while pending_size >= part_size((upload.parts_started if upload else 0) + 1) and (
+                upload is not None or pending_size > PART_SIZE
+            ):
                 if upload is None:
-                    upload = _Upload(fs, bucket, key, extra)
+                    upload = _Upload(data, bucket, key, extra)
                 body, pending, pending_size = _take(pending, part_size(upload.parts_started + 1))
                 upload.send(body)
-        if upload is None:  # the whole body is smaller than one part
-            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=_join(pending), **extra)
+        if upload is None:  # the whole body is at most one part
+            # On the pool like a part: bodies in flight stay bounded however many files are put.
+            data.submit("put_object", Bucket=bucket, Key=key, Body=_join(pending), **extra).result()
             return size
         if pending_size:
             upload.send(_join(pending))
@@ -70,28 +83,28 @@ def _take(pieces: list[memoryview], size: int) -> tuple[bytes, list[memoryview],
     """The first ``size`` bytes of ``pieces`` as one body, and what is left over."""
     body: list[memoryview] = []
     taken = 0
-    rest = list(pieces)
+    rest = deque(pieces)
     while taken < size:
-        piece = rest.pop(0)
+        piece = rest.popleft()
         need = size - taken
         if len(piece) > need:
             body.append(piece[:need])
-            rest.insert(0, piece[need:])
+            rest.appendleft(piece[need:])
             taken = size
         else:
             body.append(piece)
             taken += len(piece)
-    return _join(body), rest, sum(len(p) for p in rest)
+    return _join(body), list(rest), sum(len(p) for p in rest)
 
 
 class _Upload:
-    """One multipart upload: parts sent on s3fs's event loop, at most ``PARTS_IN_FLIGHT`` at once."""
+    """One multipart upload: parts sent from the data path's pool, ``PARTS_IN_FLIGHT`` at most."""
 
-    def __init__(self, fs: Any, bucket: str, key: str, extra: dict[str, Any]) -> None:
-        self.fs = fs
+    def __init__(self, data: DataPath, bucket: str, key: str, extra: dict[str, Any]) -> None:
+        self.data = data
         self.bucket = bucket
         self.key = key
-        self.upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, **extra)["UploadId"]
+        self.upload_id = data.call("create_multipart_upload", Bucket=bucket, Key=key, **extra)["UploadId"]
         self.parts_started = 0
         self._in_flight: deque[tuple[int, Future[dict[str, Any]]]] = deque()
         self._done: list[dict[str, Any]] = []
@@ -100,7 +113,7 @@ class _Upload:
         while len(self._in_flight) >= PARTS_IN_FLIGHT:
             self._finish_oldest()
         self.parts_started += 1
-        coroutine = self.fs._call_s3(
+        future = self.data.submit(
             "upload_part",
             Bucket=self.bucket,
             Key=self.key,
@@ -108,7 +121,6 @@ class _Upload:
             PartNumber=self.parts_started,
             Body=body,
         )
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.fs.loop)
         self._in_flight.append((self.parts_started, future))
 
     def _finish_oldest(self) -> None:
@@ -118,7 +130,7 @@ class _Upload:
     def complete(self) -> None:
         while self._in_flight:
             self._finish_oldest()
-        self.fs.call_s3(
+        self.data.call(
             "complete_multipart_upload",
             Bucket=self.bucket,
             Key=self.key,
@@ -127,11 +139,14 @@ class _Upload:
         )
 
     def abort(self) -> None:
-        """Best effort: wait out the parts in flight, then abort so S3 keeps no parts."""
+        """Best effort: drop the parts not started, wait out those on the wire (a part that
+        lands after the abort would be kept), then abort so S3 keeps no parts."""
+        for _, future in self._in_flight:
+            future.cancel()
         for _, future in self._in_flight:
             with contextlib.suppress(BaseException):
                 future.result()
         with contextlib.suppress(Exception):
-            self.fs.call_s3(
+            self.data.call(
                 "abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
             )

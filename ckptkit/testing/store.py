@@ -129,6 +129,28 @@ class _ReadContract:
             assert f.read(3) == data[:3]
             assert f.read() == data[3:]
 
+    def test_open_read_with_a_known_size(self, filled_store: Store) -> None:
+        for key, data in self.objects.items():
+            with filled_store.open_read(key, size=len(data)) as f:
+                assert f.read() == data, key
+                f.seek(len(data) // 3)
+                assert f.read(7) == data[len(data) // 3 : len(data) // 3 + 7], key
+        key, data = max(self.objects.items(), key=lambda item: len(item[1]))
+        end = len(data) // 2  # the end of what a caller will read: reads stop there
+        with filled_store.open_read(key, size=end) as f:
+            f.seek(end - 5)
+            assert f.read(5) == data[end - 5 : end]
+
+    def test_read_ranges_matches_get(self, filled_store: Store) -> None:
+        for key, data in self.objects.items():
+            ranges = [(s, e) for s, e in edge_ranges(len(data)) if s is not None and e is not None]
+            ranges += [(0, 3), (1, 2), (0, len(data)), (2, 1), (len(data) + 5, len(data) + 9)]
+            got = filled_store.read_ranges(key, ranges)
+            assert got == [data[s:e] for s, e in ranges], key
+            assert filled_store.read_ranges(key, []) == []
+        with pytest.raises(NotFoundError):
+            filled_store.read_ranges("nope", [(0, 10)])
+
     def test_list_is_recursive_and_prefix_exact(self, filled_store: Store) -> None:
         for prefix in probe_prefixes(self.objects):
             listed = [(info.key, info.size) for info in filled_store.list(prefix)]
