@@ -1,189 +1,65 @@
-"""``ckptkit sync`` of a ~1 GB checkpoint from local disk to S3 vs ``aws s3 sync``, same run, same server.
+"""``ckptkit sync`` of a ~1 GB checkpoint to and from S3 vs ``aws s3 sync``: same run, same server,
+same endpoint, at 0 ms and at 20 ms of injected latency per request.
 
-The checkpoint is written once with ``ckptkit.save`` (10 tensors of ~100 MB, one safetensors
-shard each, plus the manifest and tree). The S3 server is moto over HTTP on 127.0.0.1, started
-in this process; a WSGI middleware counts requests and request body bytes, so "an unchanged
-re-sync sends nothing" is measured at the server, not trusted from the client.
+The checkpoint is written once with ``ckptkit.save`` (``--files`` tensors of ~100 MB, one
+safetensors shard each, plus the manifest and tree). S3 is moto in a child process behind the
+tests' fault proxy (faults off, ``set_latency``), see ``_s3.py``; the moto child counts requests
+and body bytes in both directions, so "an unchanged re-sync sends nothing" is measured at the
+server, not trusted from the client.
 
-Each round runs both tools as subprocesses (the way a user runs them), alternating which goes
-first, each into a fresh prefix: first the full upload, then the same command again with
-nothing changed. Peak RSS is the sum over the subprocess and its children, sampled every 20 ms
-with psutil. After each round the uploaded objects are deleted (untimed). awscli 1.x lives in
-its own virtualenv (benchmarks/.aws-venv, made on first use): its botocore pin differs from the
-one aiobotocore needs in .venv.
+Each round, for each latency, runs both tools as CLI subprocesses, alternating which goes first:
+
+* up: local disk → a fresh prefix, then the same command again with nothing changed;
+* down: one prefix (uploaded once by ckptkit, untimed) → a fresh local directory, then again.
+
+Downloads go to tmpfs (``--down-dir``, default /dev/shm) so that the disk's write speed and
+ckptkit's fsyncs (its commit protocol; aws does not fsync) do not hide the transfer itself.
+CPU seconds are each subprocess's own (``RUSAGE_CHILDREN``), peak RSS its process tree's. After
+each run the uploaded objects or downloaded files are deleted (untimed).
 
     .venv/bin/python benchmarks/bench_sync.py [--gb 1.0] [--files 10] [--rounds 3] [--jobs N]
+                                              [--latency-ms 0,20] [--down-dir /dev/shm] [--quick]
+
+``--quick`` (0.1 GB in 4 files, one round) is the smoke test: under a minute once awscli is
+installed. A full run (1 GB, 3 rounds, 2 latencies: 24 transfers of 1 GB, 24 re-syncs) takes
+about 6-8 minutes here.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
-import os
-import subprocess
+import shutil
 import sys
-import threading
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-from _common import BENCH_DIR, GB, REPO, Result, Row, dir_size, fresh_dir, loadavg, main_for, table
+from _common import GB, WORK, Result, Row, dir_size, fresh_dir, loadavg, main_for, table
+from _procs import ToolRun, run_tool
+from _s3 import (
+    Meter,
+    MotoChild,
+    aws_cli,
+    client_env,
+    empty_prefix,
+    object_sizes,
+    probe_line,
+    request_ms,
+    s3_client,
+    set_latency,
+    start_proxy,
+)
 
 import ckptkit
 from ckptkit.commit import step_dir_name
 from ckptkit.manifest import MANIFEST_NAME
 
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-AWS_VENV = BENCH_DIR / ".aws-venv"
-AWSCLI = "awscli==1.46.2"
 BUCKET = "bench-sync"
+SOURCE = "down-src"  # the prefix every download reads
 MB = 1 << 20
-
-
-# --- the S3 server, with a traffic meter --------------------------------------------------------
-
-
-class TrafficMeter:
-    """WSGI middleware: requests by method and request body bytes (PUT/POST payloads).
-
-    Both clients send Content-Length (botocore over plain HTTP does not use chunked uploads),
-    so the header is the byte count.
-    """
-
-    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
-        self.app = app
-        self._lock = threading.Lock()
-        self.requests: Counter[str] = Counter()
-        self.body_bytes = 0
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        with self._lock:
-            self.requests[environ["REQUEST_METHOD"]] += 1
-            self.body_bytes += int(environ.get("CONTENT_LENGTH") or 0)
-        return self.app(environ, start_response)
-
-    def take(self) -> tuple[dict[str, int], int]:
-        with self._lock:
-            taken = dict(self.requests), self.body_bytes
-            self.requests, self.body_bytes = Counter(), 0
-        return taken
-
-
-def start_server() -> tuple[Any, str, TrafficMeter]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    meter = TrafficMeter(server._server.app)  # werkzeug's handler calls server.app
-    server._server.app = meter
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}", meter
-
-
-# --- contenders ----------------------------------------------------------------------------------
-
-
-def aws_cli() -> Path:
-    """The ``aws`` executable of benchmarks/.aws-venv, installing awscli there on first use."""
-    aws = AWS_VENV / "bin" / "aws"
-    if aws.exists():
-        return aws
-    print(f"installing {AWSCLI} into {AWS_VENV} (first run only)", file=sys.stderr, flush=True)
-    subprocess.run(["python3", "-m", "venv", str(AWS_VENV)], check=True)
-    # .venv's constraints pin botocore for aiobotocore; awscli brings its own pin.
-    env = {k: v for k, v in os.environ.items() if k != "PIP_CONSTRAINT"}
-    subprocess.run([str(AWS_VENV / "bin" / "pip"), "install", "-q", AWSCLI], check=True, env=env)
-    return aws
-
-
-@dataclass
-class Run:
-    """One subprocess run: wall time, peak RSS of its process tree, what it printed."""
-
-    seconds: float
-    peak_rss: int
-    stdout: str
-
-
-@dataclass
-class Contender:
-    name: str
-    command: Callable[[str], list[str]]  # destination URL -> argv
-    check: Callable[[str], None] = lambda stdout: None  # raises if the output reports a failure
-    first: Row = field(init=False)
-    again: Row = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.first, self.again = Row(self.name), Row(self.name + " (unchanged re-sync)")
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):  # exited between listing and reading
-            total += p.memory_info().rss
-    return total
-
-
-def run_sampled(argv: list[str], env: dict[str, str]) -> Run:
-    """Run ``argv`` to completion, sampling the RSS of its process tree every 20 ms."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    watched, peak = psutil.Process(proc.pid), 0
-    output: dict[str, str] = {}
-    # communicate() in a thread drains both pipes while this one samples.
-    reader = threading.Thread(
-        target=lambda: output.update(zip(("out", "err"), proc.communicate(), strict=True)))
-    reader.start()
-    while proc.poll() is None:
-        try:
-            peak = max(peak, tree_rss(watched))
-        except psutil.Error:
-            break
-        time.sleep(0.02)
-    reader.join()
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[:4]} failed ({proc.returncode}): {output.get('err', '')[-2000:]}")
-    return Run(seconds, peak, output.get("out", ""))
-
-
-def measure(contender: Contender, dst: str, env: dict[str, str], meter: TrafficMeter) -> None:
-    meter.take()
-    for row in (contender.first, contender.again):
-        run = run_sampled(contender.command(dst), env)
-        contender.check(run.stdout)
-        requests, sent = meter.take()
-        row.times.append(run.seconds)
-        row.extra.setdefault("peak_rss_mb", []).append(run.peak_rss / MB)
-        row.extra.setdefault("bytes_sent", []).append(sent)
-        row.extra["requests"] = requests
-
-
-def check_ckptkit_report(stdout: str) -> None:
-    report = json.loads(stdout)
-    states = {c["status"] for c in report["checkpoints"]}
-    if not report["ok"] or not states <= {"committed", "up-to-date"}:
-        raise RuntimeError(f"ckptkit sync did not commit: {stdout[-2000:]}")
-
-
-def empty_prefix(client: Any, prefix: str) -> None:
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+PHASES = ("up", "up, unchanged re-sync", "down", "down, unchanged re-sync")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -201,83 +77,182 @@ def make_checkpoint(root: Path, total_bytes: float, files: int) -> Path:
     return root / step_dir_name(1)
 
 
+def data_sizes(sizes: dict[str, int]) -> list[int]:
+    """Sizes without the manifest, whose bytes differ by design between stores (on an object store
+    ckptkit keeps the data under an attempt prefix that its manifest names)."""
+    return sorted(size for key, size in sizes.items() if not key.endswith(MANIFEST_NAME))
+
+
+def local_sizes(path: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+
+
+# --- contenders ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    up: Callable[[str, str], list[str]]  # (local root, s3 URL) -> argv
+    down: Callable[[str, str], list[str]]  # (s3 URL, local dir) -> argv
+    check: Callable[[str], None] = lambda stdout: None  # raises if the output reports a failure
+    rows: dict[tuple[float, str], Row] = field(default_factory=dict)
+
+    def row(self, latency: float, phase: str) -> Row:
+        key = (latency, phase)
+        if key not in self.rows:
+            self.rows[key] = Row(f"{self.name}, {phase}")
+        return self.rows[key]
+
+
+def check_ckptkit_report(stdout: str) -> None:
+    report = json.loads(stdout)
+    states = {c["status"] for c in report["checkpoints"]}
+    if not report["ok"] or not states <= {"committed", "up-to-date"}:
+        raise RuntimeError(f"ckptkit sync did not commit: {stdout[-2000:]}")
+
+
+def contenders(aws: Path, endpoint: str, jobs: int | None) -> list[Contender]:
+    job_args = ["--jobs", str(jobs)] if jobs else []
+    ckptkit_cmd = [sys.executable, "-m", "ckptkit", "sync", "--json", *job_args]
+    aws_cmd = [str(aws), "s3", "sync", "--endpoint-url", endpoint, "--only-show-errors"]
+    # The same command line both ways: sync SRC DST.
+    return [
+        Contender("ckptkit sync", lambda src, dst: [*ckptkit_cmd, src, dst],
+                  lambda src, dst: [*ckptkit_cmd, src, dst], check_ckptkit_report),
+        Contender("aws s3 sync", lambda src, dst: [*aws_cmd, src, dst],
+                  lambda src, dst: [*aws_cmd, src, dst]),
+    ]
+
+
+def record(row: Row, run: ToolRun, meter: Meter) -> None:
+    traffic = meter.take()
+    row.times.append(run.seconds)
+    for key, value in (("cpu_s", run.cpu_seconds), ("peak_rss_mb", run.peak_rss / MB),
+                       ("bytes_up", traffic.bytes_in), ("bytes_down", traffic.bytes_out)):
+        row.extra.setdefault(key, []).append(value)
+    row.extra["requests"] = traffic.requests
+
+
 # --- the benchmark ---------------------------------------------------------------------------------
 
 
-def run(gb: float = 1.0, files: int = 10, rounds: int = 3, jobs: int | None = None) -> Result:
-    result = Result("sync to S3")
+@dataclass(frozen=True)
+class Settings:
+    gb: float = 1.0
+    files: int = 10
+    rounds: int = 3
+    jobs: int | None = None
+    latencies_ms: tuple[float, ...] = (0.0, 20.0)
+    down_dir: Path = Path("/dev/shm") if Path("/dev/shm").is_dir() else WORK
+
+
+def run(**kwargs: Any) -> Result:
+    s = Settings(**kwargs)
+    result = Result("sync to and from S3")
     result.data["loadavg_start"] = loadavg()
     aws = aws_cli()
     root = fresh_dir("sync")
-    checkpoint = make_checkpoint(root, gb * GB, files)
+    checkpoint = make_checkpoint(root, s.gb * GB, s.files)
+    local = data_sizes(local_sizes(checkpoint))
     nbytes, nfiles = dir_size(checkpoint), sum(1 for p in checkpoint.rglob("*") if p.is_file())
-    server, endpoint, meter = start_server()
+    down_root = s.down_dir / "ckptkit-bench-sync"
+    moto = MotoChild()
+    proxy = start_proxy(moto.url)
+    skipped: list[float] = []
     try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = s3_client(moto.url)
         client.create_bucket(Bucket=BUCKET)
-        env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
-        job_args = ["--jobs", str(jobs)] if jobs else []
-        contenders = [
-            Contender("ckptkit sync",
-                      lambda dst: [sys.executable, "-m", "ckptkit", "sync", str(root), dst, "--json",
-                                   *job_args],
-                      check_ckptkit_report),
-            Contender("aws s3 sync",
-                      lambda dst: [str(aws), "s3", "sync", str(root), dst, "--endpoint-url", endpoint,
-                                   "--only-show-errors"]),
-        ]
-        for round_ in range(rounds):
-            order = contenders if round_ % 2 == 0 else contenders[::-1]
-            for contender in order:
-                prefix = f"{contender.name.split()[0]}-{round_}"
-                measure(contender, f"s3://{BUCKET}/{prefix}", env, meter)
-                check_uploaded(client, f"{prefix}/{step_dir_name(1)}/", checkpoint)
-                empty_prefix(client, prefix + "/")
+        # The download source, uploaded once, straight to moto: the same objects for both tools.
+        run_tool([sys.executable, "-m", "ckptkit", "sync", "--json", str(root), f"s3://{BUCKET}/{SOURCE}"],
+                 client_env(moto.url))
+        source = data_sizes(object_sizes(client, BUCKET, SOURCE + "/"))
+        env, meter = client_env(proxy.url), Meter(moto, proxy)
+        tools = contenders(aws, proxy.url, s.jobs)
+        probe = {"direct to moto": request_ms(moto.url, BUCKET)}
+        for latency_ms in s.latencies_ms:
+            if not set_latency(proxy, latency_ms / 1000):
+                skipped.append(latency_ms)
+                continue
+            probe[f"through the proxy at {latency_ms:g} ms"] = request_ms(proxy.url, BUCKET)
+            for round_ in range(s.rounds):
+                order = tools if round_ % 2 == 0 else tools[::-1]
+                for tool in order:
+                    prefix = f"{tool.name.split()[0]}-{latency_ms:g}ms-{round_}"
+                    for phase in PHASES[:2]:
+                        meter.start()
+                        run = run_tool(tool.up(str(root), f"s3://{BUCKET}/{prefix}"), env)
+                        tool.check(run.stdout)
+                        record(tool.row(latency_ms, phase), run, meter)
+                    got = data_sizes(object_sizes(client, BUCKET, f"{prefix}/{step_dir_name(1)}/"))
+                    if got != local:
+                        raise RuntimeError(f"{tool.name} up: {got} at {prefix}, expected {local}")
+                    empty_prefix(client, BUCKET, prefix + "/")
+                for tool in order:
+                    dst = fresh_dir(tool.name.split()[0], down_root)
+                    for phase in PHASES[2:]:
+                        meter.start()
+                        run = run_tool(tool.down(f"s3://{BUCKET}/{SOURCE}", str(dst)), env)
+                        tool.check(run.stdout)
+                        record(tool.row(latency_ms, phase), run, meter)
+                    got = data_sizes(local_sizes(dst))
+                    if got != source:
+                        raise RuntimeError(f"{tool.name} down: {got} in {dst}, expected {source}")
+                    shutil.rmtree(dst)
     finally:
-        server.stop()
-    report(result, contenders, nbytes, nfiles, rounds)
-    result.data["loadavg_end"] = loadavg()
+        proxy.stop()
+        moto.stop()
+        shutil.rmtree(down_root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+    report(result, tools, nbytes, nfiles, s, skipped)
+    result.tables.append(probe_line(probe))
+    result.data.update(small_get_ms=probe, loadavg_end=loadavg())
     return result
 
 
-def check_uploaded(client: Any, prefix: str, checkpoint: Path) -> None:
-    """The destination holds as many data bytes in as many objects as the checkpoint.
+def report(result: Result, tools: list[Contender], nbytes: int, nfiles: int, s: Settings,
+           skipped: list[float]) -> None:
+    ours, aws = tools
+    for latency_ms in s.latencies_ms:
+        if latency_ms in skipped:
+            result.tables.append(f"{latency_ms:g} ms injected latency: skipped, the proxy "
+                                 "(tests/faulty_proxy.py) has no set_latency()")
+            continue
+        rows = []
+        for phase in PHASES:
+            reference = aws.row(latency_ms, phase.split(",")[0]).median  # × aws's first sync
+            for tool in tools:
+                r = tool.row(latency_ms, phase)
+                rows.append([r.name, r.median, nbytes / MB / r.median if "re-sync" not in phase else "",
+                             reference / r.median if "re-sync" not in phase else "",
+                             _median(r.extra["cpu_s"]), max(r.extra["peak_rss_mb"]),
+                             int(_median(r.extra["bytes_up"])), int(_median(r.extra["bytes_down"])),
+                             ", ".join(f"{k} {v}" for k, v in sorted(r.extra["requests"].items())),
+                             " ".join(f"{t:.2f}" for t in r.times)])
+        result.tables.append(
+            f"{nbytes / GB:.2f} GB in {nfiles} files, local disk ↔ S3 (moto in a child process behind "
+            f"the proxy, **{latency_ms:g} ms** injected per request; downloads into {s.down_dir}), CLI "
+            f"subprocesses, median of {s.rounds} interleaved rounds; bytes counted at the server:\n\n"
+            + table(["command", "median s", "MB/s", "× aws throughput", "CPU s", "peak RSS MB",
+                     "bytes up", "bytes down", "requests (last run)", "all runs s"], rows))
+        at = f" at {latency_ms:g} ms"
+        for direction in ("up", "down"):
+            ratio = aws.row(latency_ms, direction).median / ours.row(latency_ms, direction).median
+            result.target(f"ckptkit sync {direction} throughput ÷ aws s3 sync's{at}", ratio, 1.2,
+                          at_most=False)
+        again = ours.row(latency_ms, "up, unchanged re-sync")
+        result.target(f"unchanged re-sync up: request body bytes{at}", float(max(again.extra["bytes_up"])),
+                      0.0)
+        result.target(f"unchanged re-sync up: time ÷ first sync's{at}",
+                      again.median / ours.row(latency_ms, "up").median, 0.10)
+    result.data.update(bytes=nbytes, files=nfiles, settings={**s.__dict__, "down_dir": str(s.down_dir)},
+                       skipped_latencies_ms=skipped,
+                       rows=[{"latency_ms": lat, **r.__dict__}
+                             for t in tools for (lat, _), r in t.rows.items()])
 
-    Compared without the manifest, whose bytes differ by design: on an object store ckptkit
-    keeps the data under an attempt prefix (``<name>/ckptkit-<id>/``) that its manifest names.
-    """
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    listed = [o["Size"] for page in pages for o in page.get("Contents", [])
-              if not o["Key"].endswith(MANIFEST_NAME)]
-    local = [p.stat().st_size for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
-    if sorted(listed) != sorted(local):
-        raise RuntimeError(f"{prefix}: {len(listed)} objects, {sum(listed)} bytes; expected {len(local)}, "
-                           f"{sum(local)}")
 
-
-def report(result: Result, contenders: list[Contender], nbytes: int, nfiles: int, rounds: int) -> None:
-    ours, aws = contenders
-    rows = [c.first for c in contenders] + [c.again for c in contenders]
-    result.tables.append(
-        f"Local → S3 (moto, 127.0.0.1) of one checkpoint, {nbytes / GB:.2f} GB in {nfiles} files, "
-        f"CLI subprocesses, median of {rounds} interleaved rounds:\n\n"
-        + table(["command", "median s", "MB/s", "× aws s3 sync", "peak RSS MB", "bytes sent (median)",
-                 "requests (last run)", "all runs s"],
-                [[r.name, r.median, nbytes / MB / r.median, r.median / aws.first.median,
-                  max(r.extra["peak_rss_mb"]), int(sorted(r.extra["bytes_sent"])[len(r.times) // 2]),
-                  ", ".join(f"{k} {v}" for k, v in sorted(r.extra["requests"].items())),
-                  " ".join(f"{t:.2f}" for t in r.times)] for r in rows])
-    )
-    throughput_ratio = aws.first.median / ours.first.median  # ours MB/s ÷ aws MB/s
-    resync_ratio = ours.again.median / ours.first.median
-    result.target("ckptkit sync throughput ÷ aws s3 sync throughput", throughput_ratio, 1.0, at_most=False)
-    result.target("unchanged re-sync time ÷ first sync time", resync_ratio, 0.10)
-    result.target("unchanged re-sync request body bytes", float(max(ours.again.extra["bytes_sent"])), 0.0)
-    result.data.update(bytes=nbytes, files=nfiles, rounds=rounds, throughput_ratio=throughput_ratio,
-                       resync_ratio=resync_ratio, rows=[r.__dict__ for r in rows])
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:
@@ -286,8 +261,15 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=None, help="ckptkit sync --jobs (default: its own)")
+    parser.add_argument("--latency-ms", default="0,20", help="comma-separated injected latencies")
+    parser.add_argument("--down-dir", type=Path, default=Settings.down_dir)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 0.1 GB, 4 files, 1 round")
     args = parser.parse_args()
-    main_for(run, gb=args.gb, files=args.files, rounds=args.rounds, jobs=args.jobs)
+    latencies = tuple(float(x) for x in args.latency_ms.split(","))
+    if args.quick:
+        args.gb, args.files, args.rounds = 0.1, 4, 1
+    main_for(run, gb=args.gb, files=args.files, rounds=args.rounds, jobs=args.jobs,
+             latencies_ms=latencies, down_dir=args.down_dir)
 
 
 if __name__ == "__main__":
