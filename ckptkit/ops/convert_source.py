@@ -27,7 +27,6 @@ from ckptkit.errors import (
     FormatError,
     NotCommittedError,
     NotFoundError,
-    ReadOnlyStoreError,
 )
 from ckptkit.formats.dcp import DcpEntry, read_dcp
 from ckptkit.formats.hf_index import read_hf_index
@@ -43,7 +42,7 @@ from ckptkit.ops.tensor_io import Piece, itemsize_of, read_pieces
 from ckptkit.pickle import PickleFormatError, TensorRef
 from ckptkit.pickle.policy import refuse_unsafe, unsafe_names, unvetted_globals
 from ckptkit.storage import Store
-from ckptkit.storage.base import ObjectInfo, StoreCapabilities, normalize_key
+from ckptkit.storage.base import ObjectInfo, ReadOnlyStore, normalize_key
 
 _TORCH_KINDS = ("torch-zip", "torch-legacy", "pickle")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -265,13 +264,9 @@ def _piece(key: str, ref: TensorRef) -> Piece:
 # --- DCP ----------------------------------------------------------------------------------------------
 
 
-class _RangeStore(Store):
+class _RangeStore(ReadOnlyStore):
     """Bytes ``[offset, offset + length)`` of one object, seen as a read-only store that holds that
     one key (keys as in the underlying store): DCP embeds a torch.save file per item."""
-
-    capabilities = StoreCapabilities(
-        atomic_rename=False, conditional_create=False, durable_writes=False, read_only=True
-    )
 
     def __init__(self, store: Store, key: str | None, offset: int, length: int) -> None:
         # key None: a child view that the object does not lie below, holding nothing.
@@ -322,21 +317,6 @@ class _RangeStore(Store):
     def list_dirs(self, prefix: str = "") -> list[str]:
         below = self._below(prefix)
         return [below.split("/", 1)[0]] if below and "/" in below else []
-
-    def put(self, key: str, data: Any, mode: Any = "overwrite", *, metadata: Any = None) -> ObjectInfo:
-        raise ReadOnlyStoreError(self.url, f"put {key!r}")
-
-    def delete(self, key: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"delete {key!r}")
-
-    def delete_prefix(self, prefix: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"delete_prefix {prefix!r}")
-
-    def copy(self, src: str, dst: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"copy {src!r} to {dst!r}")
-
-    def rename_prefix(self, src: str, dst: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"rename_prefix {src!r} to {dst!r}")
 
 
 def _dcp(store: Store) -> Source:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from ckptkit.errors import InvalidURLError
+from ckptkit.errors import InvalidURLError, ReadOnlyStoreError
 
 WriteMode = Literal["overwrite", "create"]
 Chunks = Iterable["bytes | bytearray | memoryview"]
@@ -184,6 +184,36 @@ class Store(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+class ReadOnlyStore(Store):
+    """A view over another store's objects that refuses every write, as ``read_only`` promises."""
+
+    capabilities = StoreCapabilities(
+        atomic_rename=False, conditional_create=False, durable_writes=False, read_only=True
+    )
+
+    def put(
+        self,
+        key: str,
+        data: bytes | Chunks,
+        mode: WriteMode = "overwrite",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        raise ReadOnlyStoreError(self.url, f"put {key!r}")
+
+    def delete(self, key: str) -> None:
+        raise ReadOnlyStoreError(self.url, f"delete {key!r}")
+
+    def delete_prefix(self, prefix: str) -> None:
+        raise ReadOnlyStoreError(self.url, f"delete_prefix {prefix!r}")
+
+    def copy(self, src: str, dst: str) -> None:
+        raise ReadOnlyStoreError(self.url, f"copy {src!r} to {dst!r}")
+
+    def rename_prefix(self, src: str, dst: str) -> None:
+        raise ReadOnlyStoreError(self.url, f"rename_prefix {src!r} to {dst!r}")
 
 
 def iter_chunks(data: bytes | Chunks) -> Iterator[memoryview]:

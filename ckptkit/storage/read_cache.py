@@ -16,22 +16,17 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from ckptkit.errors import ReadOnlyStoreError
-from ckptkit.storage.base import ObjectInfo, Store, StoreCapabilities, normalize_key
+from ckptkit.storage.base import ObjectInfo, ReadOnlyStore, Store, normalize_key
 
 SMALL_READ = 1 << 20  # reads up to this size are kept ...
 CACHE_BYTES = 16 << 20  # ... up to this much in all, the oldest dropped first
 WIDEN = 64 << 10  # what a small remote read of an object of known size fetches at least
 
 
-class ReadCache(Store):
+class ReadCache(ReadOnlyStore):
     """``store`` seen read-only, its small ranged reads kept; ``sizes`` answer ``head``."""
-
-    capabilities = StoreCapabilities(
-        atomic_rename=False, conditional_create=False, durable_writes=False, read_only=True
-    )
 
     def __init__(self, store: Store, sizes: Mapping[str, int] | None = None) -> None:
         self._store = store
@@ -131,19 +126,3 @@ class ReadCache(Store):
             self._kept[old_key].remove((old_start, old))
             self._held -= len(old)
 
-    # --- writes: refused -----------------------------------------------------------------
-
-    def put(self, key: str, data: Any, mode: Any = "overwrite", *, metadata: Any = None) -> ObjectInfo:
-        raise ReadOnlyStoreError(self.url, f"put {key!r}")
-
-    def delete(self, key: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"delete {key!r}")
-
-    def delete_prefix(self, prefix: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"delete_prefix {prefix!r}")
-
-    def copy(self, src: str, dst: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"copy {src!r}")
-
-    def rename_prefix(self, src: str, dst: str) -> None:
-        raise ReadOnlyStoreError(self.url, f"rename_prefix {src!r}")
