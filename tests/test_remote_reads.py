@@ -403,3 +403,16 @@ def test_a_sequential_stream_holds_at_most_64_mb(s3_endpoint: str, faulty_bucket
     assert total == size
     growth = (after - before) >> 20
     assert growth <= 64, f"peak RSS grew by {growth} MiB while streaming {size >> 20} MiB"
+
+
+def test_a_remote_verify_hashes_more_chunks_at_once_than_there_are_cores(tmp_path) -> None:
+    """Locally one hashing thread per core is fastest; a remote chunk is a streamed GET that
+    waits on the network, so a remote verify keeps more of them in flight by default."""
+    import uuid
+
+    from ckptkit.ops.verify import REMOTE_JOBS, default_jobs
+
+    cores = os.cpu_count() or 1
+    assert default_jobs(open_store(tmp_path)) == cores
+    remote = open_store(f"memory://ckptkit-test-{uuid.uuid4().hex[:12]}/root")
+    assert default_jobs(remote) == max(REMOTE_JOBS, cores) > 2
