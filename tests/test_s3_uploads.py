@@ -217,6 +217,26 @@ def test_botocore_retries_a_reset_part_and_the_upload_completes(
     assert raw_object(s3_endpoint, faulty_bucket, "run/big.bin")[0] == data
 
 
+@pytest.mark.slow  # moto over HTTP
+def test_a_completion_that_landed_before_its_answer_was_lost_is_not_an_error(
+    faulty_s3, faulty_bucket: str, s3_endpoint: str
+) -> None:
+    """A CompleteMultipartUpload that the server carried out but whose answer never arrived (a
+    read timeout while a large object is assembled; here every attempt is reset after the server
+    finished it) fails on the client's side however often botocore retries. The object is ours
+    (its multipart ETag matches our parts), so the upload succeeded; before, the put failed, and
+    the benchmark's 1 GB save to moto died with "Internal Server Error"."""
+    store = open_store(f"{faulty_bucket}/run", endpoint_url=faulty_s3.url)
+    faulty_s3.set_faults(
+        reset_after=1.0, predicate=lambda method, path: method == "POST" and "uploadId=" in path
+    )
+    data = body(24 * MiB, seed=5)
+    store.put("big.bin", chunks(data, 8 * MiB))
+    assert faulty_s3.faults["reset_after"] >= 1
+    faulty_s3.clear_faults()
+    assert raw_object(s3_endpoint, faulty_bucket, "run/big.bin")[0] == data
+
+
 @pytest.mark.slow  # moto over HTTP, botocore's backoff between tries
 def test_client_and_ckptkit_retries_add_up_to_a_few_tries_not_a_product_of_three_layers(
     tmp_path: Path, faulty_s3, faulty_bucket: str

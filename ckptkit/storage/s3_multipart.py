@@ -17,6 +17,7 @@ neither an object nor parts. A body of at most one part goes up in a single ``Pu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -130,13 +131,31 @@ class _Upload:
     def complete(self) -> None:
         while self._in_flight:
             self._finish_oldest()
-        self.data.call(
-            "complete_multipart_upload",
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self.upload_id,
-            MultipartUpload={"Parts": self._done},
-        )
+        try:
+            self.data.call(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self._done},
+            )
+        except Exception:
+            # Assembling a large object can outlast the read timeout; botocore then retries, and
+            # the retry of a completion that already landed finds no such upload (S3: 404
+            # NoSuchUpload; moto: 500). The object tells whether it was ours.
+            if not self._landed():
+                raise
+
+    def _landed(self) -> bool:
+        """True if ``key`` now holds exactly this upload: S3's multipart ETag is the MD5 of the
+        parts' MD5s and their count, which no other upload of other bytes produces."""
+        digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in self._done)
+        expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(self._done)}"'
+        try:
+            found = self.data.call("head_object", Bucket=self.bucket, Key=self.key)
+        except Exception:
+            return False
+        return found.get("ETag") == expected
 
     def abort(self) -> None:
         """Best effort: drop the parts not started, wait out those on the wire (a part that
