@@ -451,3 +451,15 @@ def test_peak_memory_is_bounded_per_stream_not_by_the_object_size(
     assert growth <= 64 * streams, f"peak RSS grew by {growth} MiB for {streams} stream(s) of 256 MiB"
     store = open_store(f"{faulty_bucket}/run")
     assert [store.head(f"big-{i}.bin").size for i in range(streams)] == [256 * MiB] * streams
+
+
+def test_completions_wait_for_the_store_to_assemble_the_object(faulty_bucket: str) -> None:
+    """Parts keep s3fs's read timeout (15 s: a stalled part is retried soon), but a completion
+    waits up to COMPLETE_READ_TIMEOUT: S3 may take minutes to assemble a large object, and a
+    completion sent again while the first still runs made moto fail both (a 1 GB save)."""
+    from ckptkit.storage.s3_client import COMPLETE_READ_TIMEOUT
+
+    store = open_store(f"{faulty_bucket}/run")
+    path = data_path(store.fs)
+    assert path.client.meta.config.read_timeout == store.fs.read_timeout < COMPLETE_READ_TIMEOUT
+    assert path._completer().meta.config.read_timeout == COMPLETE_READ_TIMEOUT

@@ -48,6 +48,10 @@ from typing import Any
 # all its uploads. On 2 cores against moto, 4 and 8 upload at the same speed at 0 and 20 ms of
 # request latency (the server is the limit); 8 hides real S3's 10-50 ms per request.
 DATA_THREADS = 8
+# S3 may take minutes to assemble a large object before it answers CompleteMultipartUpload, and
+# moto took longer than s3fs's 15 s read timeout for 1 GB on a loaded 2-core machine: botocore
+# then sent the completion again while the first was still running (moto failed both).
+COMPLETE_READ_TIMEOUT = 600.0
 # Options of aiobotocore's AioConfig that a plain botocore Config does not take.
 _ASYNC_ONLY_CONFIG = ("connector_args", "http_session_cls", "warm_up_loader_caches")
 
@@ -58,6 +62,9 @@ class DataPath:
     def __init__(self, fs: Any) -> None:
         # Connections kept: the pool's, and as many for the callers' create/complete requests.
         self.client = _make_client(fs, 2 * DATA_THREADS)
+        self._fs = weakref.ref(fs)  # a strong reference would keep fs, and so this entry, alive
+        self._completion_client: Any = None
+        self._completion_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=DATA_THREADS, thread_name_prefix="ckptkit-s3")
         # Request-wide parameters of the filesystem (SSE, ACL, requester pays), as s3fs adds them.
         self._defaults = {**fs.s3_additional_kwargs, **fs.req_kw}
@@ -68,11 +75,20 @@ class DataPath:
         from botocore.exceptions import ClientError
         from s3fs.errors import translate_boto_error
 
-        method = getattr(self.client, operation)
+        client = self._completer() if operation == "complete_multipart_upload" else self.client
+        method = getattr(client, operation)
         try:
             return method(**self._with_defaults(operation, params))
         except ClientError as exc:
             raise translate_boto_error(exc) from exc
+
+    def _completer(self) -> Any:
+        """The client for completions: the data path's settings with a read timeout long enough
+        for the store to assemble the object (made on first use)."""
+        with self._completion_lock:
+            if self._completion_client is None:
+                self._completion_client = _make_client(self._fs(), 2, read_timeout=COMPLETE_READ_TIMEOUT)
+            return self._completion_client
 
     def submit(self, operation: str, **params: Any) -> Future[dict[str, Any]]:
         """``call`` on the pool."""
@@ -89,6 +105,8 @@ class DataPath:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.client.close()
+        if self._completion_client is not None:
+            self._completion_client.close()
 
 
 _lock = threading.Lock()
@@ -127,7 +145,7 @@ def release(fs: Any) -> None:
         path.close()
 
 
-def _make_client(fs: Any, connections: int) -> Any:
+def _make_client(fs: Any, connections: int, *, read_timeout: float | None = None) -> Any:
     """A botocore S3 client with the settings s3fs gives its own client (``set_session``):
     credentials, endpoint, profile, ``client_kwargs``, ``config_kwargs``, anonymous access."""
     import botocore.session
@@ -139,6 +157,8 @@ def _make_client(fs: Any, connections: int) -> Any:
     config = {k: v for k, v in fs.config_kwargs.items() if k not in _ASYNC_ONLY_CONFIG}
     config.setdefault("connect_timeout", fs.connect_timeout)
     config.setdefault("read_timeout", fs.read_timeout)
+    if read_timeout is not None:
+        config["read_timeout"] = max(config["read_timeout"], read_timeout)
     config["max_pool_connections"] = connections
     config["s3"] = {"payload_signing_enabled": False, **(config.get("s3") or {})}
     client_kwargs = dict(fs.client_kwargs)
