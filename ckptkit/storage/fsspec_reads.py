@@ -26,7 +26,7 @@ from typing import Any
 from ckptkit.errors import StorageError
 from ckptkit.storage import ranged
 from ckptkit.storage.ranged import Fetched, OpenStream, Submit
-from ckptkit.storage.s3_stream import BODY_ATTEMPTS, S3BodyStream, error_says
+from ckptkit.storage.s3_stream import BODY_ATTEMPTS, S3BodyStream, range_not_satisfiable
 
 _BODY_STEP = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -69,7 +69,7 @@ async def _async_cat(fs: Any, path: str, start: int | None, end: int | None) -> 
     try:
         return Fetched(await fs._cat_file(path, start=start, end=end))
     except Exception as exc:  # gcsfs, adlfs: each their own error for a 416
-        if start is not None and _unsatisfiable(exc):
+        if start is not None and range_not_satisfiable(exc):
             return Fetched(b"")  # a range at or past the end, as a slice gives it
         raise
 
@@ -90,7 +90,7 @@ async def _s3_get(
         try:
             response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
         except OSError as exc:
-            if exc.errno == errno.EINVAL and "Range" in extra and _unsatisfiable(exc):
+            if exc.errno == errno.EINVAL and "Range" in extra and range_not_satisfiable(exc):
                 return Fetched(b"")
             raise
         length = response.get("ContentLength")
@@ -124,11 +124,6 @@ async def _read_body(body: Any, length: int | None) -> bytes | bytearray:
     view.release()
     del buffer[got:]  # short: the caller sees it and fetches again
     return buffer
-
-
-def _unsatisfiable(exc: BaseException) -> bool:
-    """The answer to a range that starts at or past the end (416, S3's and Azure's InvalidRange)."""
-    return error_says(exc, "InvalidRange", "416")
 
 
 def _answered(

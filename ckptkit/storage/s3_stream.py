@@ -170,7 +170,7 @@ class S3BodyStream:
                     f"s3://{self._bucket}/{self._key}: the object changed while it was read "
                     f"(at byte {self._received})"
                 ) from exc
-            if exc.errno == errno.EINVAL and error_says(exc, "InvalidRange", "416"):
+            if exc.errno == errno.EINVAL and range_not_satisfiable(exc):
                 if resuming:
                     raise StorageError(
                         f"s3://{self._bucket}/{self._key}: the object shrank while it was read"
@@ -236,3 +236,8 @@ def error_says(exc: BaseException, *words: str) -> bool:
             return True
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def range_not_satisfiable(exc: BaseException) -> bool:
+    """The answer to a range that starts at or past the end (416, S3's and Azure's InvalidRange)."""
+    return error_says(exc, "InvalidRange", "416")
