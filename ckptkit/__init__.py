@@ -34,6 +34,8 @@ _EXPORTS = {
     "Store": "ckptkit.storage",
     "open_store": "ckptkit.storage",
     "convert": "ckptkit.ops.convert",
+    "reshard_zero": "ckptkit.ops.reshard",
+    "ReshardResult": "ckptkit.ops.reshard",
     "sync": "ckptkit.ops.sync",
     "SyncReport": "ckptkit.ops.sync",
     "RetryPolicy": "ckptkit.transfer",
@@ -52,6 +54,7 @@ __all__ = [
     "Manifest",
     "Mirror",
     "MirrorError",
+    "ReshardResult",
     "RetentionPolicy",
     "RetryPolicy",
     "Store",
@@ -68,6 +71,7 @@ __all__ = [
     "load",
     "open_store",
     "read_manifest",
+    "reshard_zero",
     "safe_globals",
     "safe_load",
     "save",
@@ -104,6 +108,7 @@ if TYPE_CHECKING:
     from ckptkit.ops.gc import collect_garbage
     from ckptkit.ops.index import index_checkpoint
     from ckptkit.ops.inspect import inspect_path
+    from ckptkit.ops.reshard import ReshardResult, reshard_zero
     from ckptkit.ops.scan import scan
     from ckptkit.ops.sync import SyncReport, sync
     from ckptkit.ops.verify import verify_checkpoint, verify_tree

@@ -42,15 +42,16 @@ class Scenario:
     resume: bool = False  # load the latest committed checkpoint first
     kill_tag: str | None = None  # SIGKILL kill_rank inside the save of this tag, after writing its file
     kill_rank: int = 1
+    zero_stage: int = 2
 
 
-def _ds_config() -> dict[str, Any]:
+def _ds_config(stage: int = 2) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "steps_per_print": 10_000,
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
         # Dynamic loss scale whose window is short enough that the scale changes during the test.
         "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 2},
@@ -109,7 +110,8 @@ def _rank_main(rank: int, world: int, port: int, scenario_dict: dict[str, Any]) 
     scenario = Scenario(**scenario_dict)
     os.environ.update(rank_environment(rank, world, port))
     out = Path(scenario.out)
-    result: dict[str, Any] = {"rank": rank, "saved": [], "loaded": None, "commit_error": None}
+    result: dict[str, Any] = {"rank": rank, "saved": [], "loaded": None, "commit_error": None, "log": []}
+    _record_ckptkit_log(result["log"])
 
     def write_result() -> None:
         (out / f"result_rank{rank}.json").write_text(json.dumps(result))
@@ -129,6 +131,18 @@ def _rank_main(rank: int, world: int, port: int, scenario_dict: dict[str, Any]) 
     write_result()
 
 
+def _record_ckptkit_log(lines: list[str]) -> None:
+    """Keep what ckptkit logs (WARNING and up) in this rank's result: a forked rank's log
+    records never reach the test's own log capture."""
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logging.getLogger("ckptkit").addHandler(Keep(logging.WARNING))
+
+
 def _train(rank: int, scenario: Scenario, result: dict[str, Any]) -> None:
     import deepspeed
     import torch
@@ -141,7 +155,7 @@ def _train(rank: int, scenario: Scenario, result: dict[str, Any]) -> None:
     torch.manual_seed(1234)  # the same initial weights on every rank
     model = _make_model()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=_ds_config()
+        model=model, model_parameters=model.parameters(), config=_ds_config(scenario.zero_stage)
     )
     checkpoint_engine = use_ckptkit(engine, scenario.root, timeout_s=COMMIT_TIMEOUT_S)
 
@@ -182,13 +196,17 @@ def _final_state(engine: Any) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     optimizer = engine.optimizer
+    # ZeRO-1/2 link each param to its optimizer-state fragments on the first step after init; a
+    # state read right after a load (no step yet) needs the link made first.
+    getattr(optimizer, "_lazy_init_hp_params_optimizer_state", lambda: None)()
     params = dict(engine.module.named_parameters())
     return {
         "fp32": {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()},
         "fp16": {n: p.detach().clone() for n, p in params.items()},
         "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in params.items()},
         "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").clone() for n, p in params.items()},
-        "partition_state": optimizer.optimizer.state_dict(),
+        # ZeRO-3 detaches its flat partitions from the torch optimizer between steps.
+        "partition_state": optimizer.optimizer.state_dict() if engine.zero_optimization_stage() < 3 else None,
         "lr_scheduler": engine.lr_scheduler.state_dict(),
         "loss_scaler": dict(vars(optimizer.loss_scaler)),
         "global_steps": engine.global_steps,

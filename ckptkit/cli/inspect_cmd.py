@@ -222,8 +222,28 @@ def _zero(report: InspectReport) -> str:
         ),
     ]
     lines.append(f"fp32 master elements over all ranks: {z.fp32_elements:,}")
+    if z.loads_at_dp_world_size is not None:
+        lines.append(
+            f"loads as is at data-parallel world size {z.loads_at_dp_world_size} only; at any other: "
+            f"'ckptkit reshard {report.url} DST --world-size M', or load it through use_ckptkit "
+            "(reshards on load)"
+        )
+    if z.resharded is not None:
+        lines.append(_resharded(z.resharded))
     lines += [f"problem: {p}" for p in z.problems]
     return "\n".join(lines)
+
+
+def _resharded(info: dict[str, Any]) -> str:
+    line = (
+        f"resharded by ckptkit from {_fmt(info.get('from_world_size'))} to {_fmt(info.get('world_size'))} "
+        f"ranks (source {_fmt(info.get('source'))}); conservation certificate in the manifest"
+    )
+    rng = info.get("rng_states")
+    if isinstance(rng, dict) and rng:
+        rule = ", ".join(f"{new} <- {old}" for new, old in rng.items())
+        line += f"\nRNG states per new rank (new <- saved: r keeps its own, a new rank takes r mod N): {rule}"
+    return line
 
 
 def _scheduler(report: InspectReport) -> str:

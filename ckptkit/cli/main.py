@@ -12,6 +12,7 @@ from ckptkit.cli.consolidate_cmd import consolidate_command
 from ckptkit.cli.convert_cmd import convert_command
 from ckptkit.cli.inspect_cmd import inspect_command
 from ckptkit.cli.render import emit_json, format_bytes, table
+from ckptkit.cli.reshard_cmd import reshard_command
 from ckptkit.cli.safety_cmds import doctor_command, scan_command
 from ckptkit.cli.sync_cmd import sync_command
 from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_STORAGE
@@ -241,7 +242,8 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
 
 
 for command in (
-    inspect_command, scan_command, doctor_command, consolidate_command, sync_command, convert_command
+    inspect_command, scan_command, doctor_command, consolidate_command, reshard_command, sync_command,
+    convert_command,
 ):
     cli.add_command(command)
 

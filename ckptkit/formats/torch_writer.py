@@ -7,25 +7,24 @@ storages are persistent ids), a few small records (``.format_version``, ``.stora
 ``archive/data/<key>``, its bytes starting on a 64-byte boundary so ``torch.load(mmap=True)`` can
 map them. Every record is ZIP_STORED with a data descriptor (flag bit 3), as torch's own writer
 does, so each record's CRC-32 follows its bytes and nothing needs seeking back. The pickle is
-made from dtypes, shapes and storage keys alone, before any tensor byte is read.
+made from dtypes, shapes and storage keys alone (``formats.pickle_writer``), before any tensor
+byte is read, so writing imports no torch.
 
-torch is imported (inside :func:`data_pickle`) only for the globals the pickle names, so that
-``pickle`` resolves them to the real functions and classes ``torch.load`` allows.
+:func:`torch_tree_chunks` writes any tree the pickle writer takes (a rank file ``reshard``
+rewrites); :func:`torch_zip_chunks` is the flat state dict ``convert`` and ``consolidate`` write.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 import struct
 import uuid
 import zlib
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ckptkit.errors import FormatError
+from ckptkit.formats.pickle_writer import STORAGE_CLASS, StoredTensor, dumps
 from ckptkit.formats.safetensors_writer import OnWritten, OutTensor, tensor_hasher
 
 ARCHIVE = "archive"
@@ -50,93 +49,64 @@ class _Record:
         return self.size >= ZIP64_LIMIT or self.offset >= ZIP64_LIMIT
 
 
-class _StorageId:
-    """Stands in for a storage; the pickler writes it as torch's persistent id."""
-
-    def __init__(self, pid: tuple[Any, ...]) -> None:
-        self.pid = pid
+# tensor, bytes written, tensor_hasher's hex digest of them
+OnStored = Callable[[StoredTensor, int, str], None]
 
 
-class _TensorStub:
-    """Stands in for a tensor: pickles as ``torch._utils._rebuild_tensor_v2(...)``, as torch does."""
+def torch_tree_chunks(value: Any, on_written: OnStored | None = None) -> Iterator[bytes | memoryview]:
+    """The whole file for ``value`` (a tree ``pickle_writer.dumps`` takes) as a stream of buffers.
 
-    def __init__(self, rebuild: Any, storage: _StorageId, shape: tuple[int, ...]) -> None:
-        self.args = (storage, 0, shape, _contiguous_stride(shape), False, OrderedDict())
-        self.rebuild = rebuild
+    Each StoredTensor gets one storage record, keyed "0", "1", ... in the order the pickle first
+    names it; the same object met again shares that storage, as torch's tied tensors do. Its
+    bytes are read only when the stream reaches its record.
+    """
+    tensors: list[StoredTensor] = []
+    keys: dict[int, str] = {}
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return self.rebuild, self.args
+    def storage_key(tensor: StoredTensor) -> str:
+        key = keys.get(id(tensor))
+        if key is None:
+            key = keys[id(tensor)] = str(len(tensors))
+            tensors.append(tensor)
+        return key
 
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj: Any) -> Any:
-        return obj.pid if isinstance(obj, _StorageId) else None
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, step = [], 1
-    for n in reversed(shape):
-        stride.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(stride))
-
-
-def storage_keys(tensors: list[OutTensor]) -> dict[str, str]:
-    """Record key of each tensor's storage: one per tensor, shared by a tied alias and its source."""
-    keys: dict[str, str] = {}
-    for t in tensors:
-        if t.source is not None and t.source in keys:
-            keys[t.name] = keys[t.source]
-        else:
-            keys[t.name] = str(len(set(keys.values())))
-    return keys
-
-
-def data_pickle(tensors: list[OutTensor], keys: dict[str, str]) -> bytes:
-    """``data.pkl`` of the flat state dict ``{name: tensor}``, protocol 2 as torch writes it."""
-    import torch
-    from torch._utils import _rebuild_tensor_v2
-
-    storage_names = torch.storage._dtype_to_storage_type_map()
-    storages: dict[str, _StorageId] = {}
-    state: dict[str, _TensorStub] = {}
-    for t in tensors:
-        dtype = getattr(torch, t.dtype, None)
-        if not isinstance(dtype, torch.dtype) or dtype not in storage_names:
-            raise FormatError(f"{t.name}: torch.save files cannot hold dtype {t.dtype}")
-        key = keys[t.name]
-        if key not in storages:
-            numel = t.nbytes // dtype.itemsize
-            storages[key] = _StorageId(("storage", getattr(torch, storage_names[dtype]), key, "cpu", numel))
-        state[t.name] = _TensorStub(_rebuild_tensor_v2, storages[key], t.shape)
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=2).dump(state)
-    return buffer.getvalue()
-
-
-def torch_zip_chunks(tensors: list[OutTensor], on_written: OnWritten) -> Iterator[bytes | memoryview]:
-    """The whole file as a stream of buffers; each storage's bytes are read only when reached."""
-    keys = storage_keys(tensors)
     writer = _ZipStream()
-    yield from writer.record("data.pkl", [data_pickle(tensors, keys)])
+    yield from writer.record("data.pkl", [dumps(value, storage_key)])
     yield from writer.record(".format_version", [b"1"])
     yield from writer.record(".storage_alignment", [str(ALIGNMENT).encode()])
     yield from writer.record("byteorder", [b"little"])
-    for t in tensors:
-        if t.source is not None and keys[t.name] == keys.get(t.source):
-            continue  # a tied alias: its source's record holds the bytes
+    for key, tensor in enumerate(tensors):
         hasher = tensor_hasher()
-        yield from writer.record(f"data/{keys[t.name]}", _hashed(t, hasher))
-        on_written(t, writer.last.size, hasher.hexdigest())
-        if writer.last.size != t.nbytes:
-            raise FormatError(f"{t.name}: source gave {writer.last.size} bytes, expected {t.nbytes}")
+        yield from writer.record(f"data/{key}", _hashed(tensor.chunks(), hasher))
+        if writer.last.size != tensor.nbytes:
+            raise FormatError(
+                f"storage data/{key} ({tensor.dtype} {list(tensor.shape)}): source gave "
+                f"{writer.last.size} bytes, expected {tensor.nbytes}"
+            )
+        if on_written is not None:
+            on_written(tensor, writer.last.size, hasher.hexdigest())
     yield from writer.record("version", [b"3\n"])
     yield from writer.record(".data/serialization_id", [f"{uuid.uuid4().int:040d}"[:40].encode()])
     yield writer.central_directory()
 
 
-def _hashed(t: OutTensor, hasher: Any) -> Iterator[bytes | memoryview]:
-    for chunk in t.chunks():
+def torch_zip_chunks(tensors: list[OutTensor], on_written: OnWritten) -> Iterator[bytes | memoryview]:
+    """The flat state dict ``{name: tensor}`` as a file; a tied alias shares its source's storage."""
+    stored: dict[str, StoredTensor] = {}
+    owner: dict[int, OutTensor] = {}  # id of each storage's StoredTensor -> the tensor it came from
+    for t in tensors:
+        if t.source is not None and t.source in stored:
+            stored[t.name] = stored[t.source]
+            continue
+        if t.dtype not in STORAGE_CLASS:
+            raise FormatError(f"{t.name}: torch.save files cannot hold dtype {t.dtype}")
+        stored[t.name] = StoredTensor(t.dtype, t.shape, t.chunks)
+        owner[id(stored[t.name])] = t
+    yield from torch_tree_chunks(stored, lambda st, size, digest: on_written(owner[id(st)], size, digest))
+
+
+def _hashed(chunks: Iterable[bytes | memoryview], hasher: Any) -> Iterator[bytes | memoryview]:
+    for chunk in chunks:
         hasher.update(chunk)
         yield chunk
 

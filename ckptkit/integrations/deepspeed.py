@@ -44,12 +44,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import io
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,7 @@ from ckptkit.distributed import (
 from ckptkit.errors import ChecksumMismatchError, ManifestError, NotCommittedError, NotFoundError
 from ckptkit.formats.deepspeed import LATEST, resolve_latest
 from ckptkit.hashing import choose_algorithm, digest_bytes
+from ckptkit.integrations.zero_reshard import ReshardedRankFiles, saved_dp_world_size
 from ckptkit.manifest import FileEntry, Manifest, validate_path
 from ckptkit.safe import safe_globals
 from ckptkit.storage import Store, open_store
@@ -127,7 +129,7 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         # Created once, here: a group per save would cost a rendezvous on every save.
         self._group = CommitGroup(timeout_s)
         self._save: _SaveAttempt | None = None
-        self._load_map: dict[str, tuple[Store, FileEntry]] = {}
+        self._load_map: dict[str, Callable[[Any], Any]] = {}  # placeholder path -> its loader
         self.last_committed: str | None = None
 
     # --- collectives -------------------------------------------------------------------------
@@ -216,37 +218,66 @@ class CkptkitCheckpointEngine(CheckpointEngine):
     @contextlib.contextmanager
     def shadow(self, tag: str) -> Iterator[str]:
         """A local directory DeepSpeed can ``glob``: ``<dir>/<tag>/<file>`` placeholders for the
-        files of committed checkpoint ``tag``; :meth:`load` reads the real bytes from the store."""
+        files of committed checkpoint ``tag``; :meth:`load` reads the real bytes from the store.
+
+        A ZeRO checkpoint saved at another data-parallel world size than the engine's is shown
+        as the rank files of the engine's size, made on demand (:mod:`.zero_reshard`)."""
         checkpoint = self.root.child(validate_path(tag))
         manifest = read_manifest(checkpoint)
         local = tempfile.mkdtemp(prefix="ckptkit-ds-load-")
         try:
-            for entry in manifest.files:
-                parts = entry.path.split("/")
-                if len(parts) > 1 and ATTEMPT_RE.match(parts[0]):
-                    parts = parts[1:]  # the object-store attempt prefix is not part of DeepSpeed's name
-                placeholder = os.path.join(local, tag, *parts)
-                os.makedirs(os.path.dirname(placeholder), exist_ok=True)
-                open(placeholder, "wb").close()
-                self._load_map[os.path.abspath(placeholder)] = (checkpoint, entry)
+            resharded = self._reshard_if_needed(checkpoint, manifest)
+            if resharded is not None:
+                for name in resharded.names:
+                    self._placeholder(local, tag, [name], functools.partial(resharded.load, name))
+            else:
+                for entry in manifest.files:
+                    parts = entry.path.split("/")
+                    if len(parts) > 1 and ATTEMPT_RE.match(parts[0]):
+                        parts = parts[1:]  # the object-store attempt prefix is not part of DeepSpeed's name
+                    self._placeholder(local, tag, parts, functools.partial(_load_entry, checkpoint, entry))
             yield local
         finally:
             self._load_map.clear()
             shutil.rmtree(local, ignore_errors=True)
 
-    def load(self, path: str, map_location: Any = None) -> Any:
-        target = self._load_map.get(os.path.abspath(path))
-        if target is None:
-            raise NotFoundError(f"{path}: not a file of a committed checkpoint opened by ckptkit")
-        checkpoint, entry = target
-        data = checkpoint.get(entry.path)
-        actual = digest_bytes(data, algorithm=entry.algorithm)
-        if actual.size != entry.size or actual.digest != entry.digest:
-            raise ChecksumMismatchError(
-                f"{checkpoint.url}/{entry.path}", entry.digest, actual.digest, (0, len(data))
+    def _placeholder(self, local: str, tag: str, parts: list[str], load: Callable[[Any], Any]) -> None:
+        placeholder = os.path.join(local, tag, *parts)
+        os.makedirs(os.path.dirname(placeholder), exist_ok=True)
+        open(placeholder, "wb").close()
+        self._load_map[os.path.abspath(placeholder)] = load
+
+    def _reshard_if_needed(self, checkpoint: Store, manifest: Manifest) -> ReshardedRankFiles | None:
+        engine = self._engine
+        saved = saved_dp_world_size(manifest)
+        if engine is None or saved is None or saved == int(engine.dp_world_size):
+            return None
+        world = int(engine.dp_world_size)
+        resharded = ReshardedRankFiles(checkpoint, manifest, world, int(engine.zero_optimization_stage()))
+        if self.rank == 0:
+            log.warning(
+                "ckptkit: %s was saved by %d data-parallel ranks; resharding its ZeRO-%d state on load "
+                "for %d ranks (each rank reads only its own partitions)",
+                checkpoint.url, saved, resharded.source.stage, world,
             )
-        with safe_globals():
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        return resharded
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        load = self._load_map.get(os.path.abspath(path))
+        if load is None:
+            raise NotFoundError(f"{path}: not a file of a committed checkpoint opened by ckptkit")
+        return load(map_location)
+
+
+def _load_entry(checkpoint: Store, entry: FileEntry, map_location: Any = None) -> Any:
+    """One committed file, checked against its manifest digest, loaded with vetted classes only."""
+    data = checkpoint.get(entry.path)
+    actual = digest_bytes(data, algorithm=entry.algorithm)
+    if actual.size != entry.size or actual.digest != entry.digest:
+        url = f"{checkpoint.url}/{entry.path}"
+        raise ChecksumMismatchError(url, entry.digest, actual.digest, (0, len(data)))
+    with safe_globals():
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 
 def _deepspeed_version() -> str:

@@ -85,7 +85,7 @@ class ZeroPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _contiguous_piece(key: str, ref: TensorRef, what: str) -> Piece:
+def contiguous_piece(key: str, ref: TensorRef, what: str) -> Piece:
     """The one byte range of a contiguous tensor: where ranged reads can take it directly."""
     storage = ref.storage
     itemsize = torch_itemsize(ref.dtype)
@@ -136,13 +136,13 @@ def _trim(pieces: list[Piece], numel: int) -> list[Piece]:
     return out
 
 
-def _stage_of(value: Any) -> int | None:
+def zero_stage_of(value: Any) -> int | None:
     if type(value) is VettedObject and value.cls == _ZERO_STAGE:
         return int(value.args[0])
     return value if type(value) is int else None
 
 
-def _resolve_tag(store: Store, tag: str | None) -> tuple[str, list[str]]:
+def find_tag_directory(store: Store, tag: str | None) -> tuple[str, list[str]]:
     """The tag directory (key prefix) and its file names: explicit tag, else ``latest``, else SRC itself."""
     names = [o.key for o in store.list("")]
     if not names:
@@ -176,7 +176,7 @@ def plan_zero(
     found = resolve_target(src, **storage_options)
     if found.key is not None:
         raise FormatError(f"{found.url}: a file; consolidate reads a DeepSpeed save dir or tag directory")
-    tag, names = _resolve_tag(found.store, tag)
+    tag, names = find_tag_directory(found.store, tag)
     store = found.store.child(tag) if tag else found.store
     files = tag_files(names)
     optim, models = files.optim_states, files.model_states
@@ -188,7 +188,7 @@ def plan_zero(
     osds = [v.get("optimizer_state_dict") if isinstance(v, dict) else None for v in optim_values]
     if not all(isinstance(o, dict) for o in osds):
         raise FormatError(f"{store.url}: an optimizer file has no optimizer_state_dict: not ZeRO")
-    stage = _stage_of(osds[0].get("zero_stage"))
+    stage = zero_stage_of(osds[0].get("zero_stage"))
     count = osds[0].get("partition_count")
     world = max(count) if isinstance(count, list) else count
     if stage not in (1, 2, 3) or type(world) is not int:
@@ -229,7 +229,7 @@ def plan_zero(
         ref = as_tensor(module.get(name))
         if ref is not None and name not in tensors:
             tensors[name] = PlannedTensor(
-                name, "buffer", tuple(ref.shape), ref.dtype, [_contiguous_piece(models[0], ref, name)]
+                name, "buffer", tuple(ref.shape), ref.dtype, [contiguous_piece(models[0], ref, name)]
             )
     shared = {k: v for k, v in (m0.get("shared_params") or {}).items() if isinstance(k, str)}
     ordered: dict[str, PlannedTensor] = {}
@@ -262,7 +262,7 @@ def _flat_groups(store: Store, key: str, osd: dict[str, Any]) -> list[Piece]:
         ref = as_tensor(value)  # ZeRO-3 wraps its flat groups (ds_id attribute): see as_tensor
         if ref is None or ref.dtype != "float32" or len(ref.shape) != 1:
             raise FormatError(f"{key}: flat group {g} is not a 1-D fp32 tensor")
-        pieces.append(_contiguous_piece(key, ref, f"flat group {g}"))
+        pieces.append(contiguous_piece(key, ref, f"flat group {g}"))
     return pieces
 
 
@@ -341,7 +341,7 @@ def _plan_frozen(
             if ref is None or name in tensors or name in buffers or name in shared:
                 continue
             tensors[name] = PlannedTensor(
-                name, "frozen", tuple(ref.shape), ref.dtype, [_contiguous_piece(models[0], ref, name)]
+                name, "frozen", tuple(ref.shape), ref.dtype, [contiguous_piece(models[0], ref, name)]
             )
             found.append(name)
         if found:
@@ -358,7 +358,7 @@ def _plan_frozen(
             ref = as_tensor((value.get("frozen_param_fragments") or {}).get(name))
             if ref is None:
                 raise FormatError(f"{key}: frozen param {name} has no fragment")
-            fragments.append((_contiguous_piece(key, ref, name), ref.dtype))
+            fragments.append((contiguous_piece(key, ref, name), ref.dtype))
             if stage != 3:
                 break  # stage 2: rank 0's fragment is the whole tensor
         pieces = _trim([p for p, _ in fragments], numel)

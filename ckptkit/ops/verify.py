@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest
+from ckptkit.commit import ATTEMPT_RE
 from ckptkit.errors import ManifestError, NotCommittedError, NotFoundError
+from ckptkit.formats.zero import RESHARD_KEY
 from ckptkit.hashing import chunk_ranges, get_algorithm, hash_range
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptkit.ops.structural import verify_structure
@@ -130,9 +132,25 @@ def _check_content(pending: _Pending, jobs: int, progress: Progress) -> VerifyRe
         report.findings.extend(
             _check_digests(pending.checkpoint, pending.manifest, pending.to_hash, jobs, progress)
         )
+        if RESHARD_KEY in pending.manifest.metadata and report.ok:
+            report.findings.extend(_check_certificate(pending.checkpoint, pending.manifest, jobs))
     report.status = "ok" if report.ok else "failed"
     report.seconds += time.perf_counter() - started
     return report
+
+
+def _check_certificate(checkpoint: Store, manifest: Manifest, jobs: int) -> list[Finding]:
+    """A resharded checkpoint's conservation certificate, re-checked against its partitions.
+    Only once every file matched its digest: a corrupt file is already a finding, and its
+    partitions may not even parse."""
+    from ckptkit.ops.reshard_certificate import check_certificate  # torch-free, but not needed otherwise
+
+    prefixes = {p for e in manifest.files if (p := e.path.partition("/")[0]) and ATTEMPT_RE.match(p)}
+    files = checkpoint.child(prefixes.pop()) if len(prefixes) == 1 else checkpoint
+    return [
+        Finding(RESHARD_KEY, "certificate", f"reshard certificate: {problem}")
+        for problem in check_certificate(files, manifest.metadata, jobs)
+    ]
 
 
 def verify_path(

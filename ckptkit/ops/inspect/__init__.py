@@ -14,6 +14,7 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from ckptkit.formats.zero import RESHARD_KEY
 from ckptkit.ops.inspect.context import Context
 from ckptkit.ops.inspect.model import find_models
 from ckptkit.ops.inspect.optimizer import find_optimizers
@@ -59,6 +60,9 @@ def inspect_path(
     if "optimizer" in chosen or views is None:
         report.optimizers = find_optimizers(ctx)
         report.zero = describe_zero(ctx)
+        resharded = target.metadata.get(RESHARD_KEY)
+        if report.zero is not None and isinstance(resharded, dict):
+            report.zero.resharded = {k: v for k, v in resharded.items() if k != "certificate"}
     if "scheduler" in chosen:
         report.schedulers = find_schedulers(ctx)
     if "scaler" in chosen:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from ckptkit.catalog import latest_checkpoint, read_manifest
 from ckptkit.errors import FormatError, NotFoundError
@@ -48,6 +49,7 @@ class Target:
     native: Store | None = None  # store holding tree.json and its shards
     dcp_prefix: str | None = None
     notes: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)  # the committed manifest's, if any
 
     @property
     def url(self) -> str:
@@ -87,15 +89,17 @@ def resolve_directory(store: Store) -> Target:
     dirs = sorted({o.key.split("/", 1)[0] for o in objects if "/" in o.key})
     name = store.url.rstrip("/").rsplit("/", 1)[-1]
     layout = detect_layout(files).kind  # of this directory's own files: a root's are below
+    metadata: dict[str, Any] = {}
     if MANIFEST_NAME in files and layout != "native":
         manifest = read_manifest(store)  # committed: the manifest says what it is
         if manifest.layout == "native":
             return Target(store, name, "native", native=native_files(store, manifest))
+        metadata = manifest.metadata
     if layout == "native":
         return Target(store, name, "native", native=store)
     if layout == "dcp":
         return Target(store, name, "dcp", dcp_prefix="")
-    target = Target(store, name, "directory")
+    target = Target(store, name, "directory", metadata=metadata)
     _collect_files(target, files)
     target.deepspeed = _deepspeed(store, files, objects)
     if target.deepspeed is not None or target.trainer_state or target.torch_files or target.safetensors:

@@ -50,6 +50,11 @@ class ZeroInfo:
     ranks: list[ZeroRank]
     fp32_elements: int  # all ranks' fp32 partitions together, padding included
     problems: list[str] = field(default_factory=list)
+    # DeepSpeed loads a ZeRO checkpoint only at the data-parallel size it was saved at;
+    # `ckptkit reshard` (or loading through use_ckptkit) makes it load at any other.
+    loads_at_dp_world_size: int | None = None
+    # Set when ckptkit reshard wrote it: from/to world size, source, the RNG rule applied.
+    resharded: dict[str, Any] | None = None
 
 
 def describe_zero(ctx: Context) -> ZeroInfo | None:
@@ -72,6 +77,7 @@ def describe_zero(ctx: Context) -> ZeroInfo | None:
         ranks=ranks,
         fp32_elements=sum(sum(r.fp32_partition_numel) for r in ranks),
     )
+    info.loads_at_dp_world_size = partition_count
     info.problems = _consistency(info)
     return info
 

@@ -1,0 +1,102 @@
+"""Reshard on load: a committed ZeRO checkpoint served to DeepSpeed at another world size.
+
+When ``engine.load_checkpoint`` runs through ckptkit's checkpoint engine at a data-parallel
+world size other than the saved one, DeepSpeed is shown the rank files it would have written at
+the new size (:func:`ckptkit.ops.reshard_plan.rank_trees`) and each is made only when DeepSpeed
+asks for it. A rank asks only for its own files (and, at ZeRO-1/2, the shared model states), so
+it reads only the byte ranges of the source partitions its new partition covers.
+
+Integrity without reading whole files: before the symbolic reader parses a source file, the
+manifest's chunk digests of its first and last chunks (the pickle and the zip directory) are
+checked; before a new rank file is made, those of every chunk its byte ranges fall in. A
+mismatch is a :class:`ChecksumMismatchError`, as for a whole-file load.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Any
+
+from ckptkit.commit import ATTEMPT_RE, logical_path
+from ckptkit.errors import ChecksumMismatchError, FormatError
+from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
+from ckptkit.formats.torch_writer import torch_tree_chunks
+from ckptkit.hashing import chunk_ranges, hash_range
+from ckptkit.manifest import FileEntry, Manifest
+from ckptkit.ops.reshard_plan import SourceTensors, rank_trees, read_zero
+from ckptkit.safe import safe_globals
+from ckptkit.storage import Store
+
+
+def saved_dp_world_size(manifest: Manifest) -> int | None:
+    """The data-parallel size a DeepSpeed checkpoint's optimizer rank files state (None: no ZeRO)."""
+    ranks = {m.group(2) for e in manifest.files if (m := OPTIM_STATES.search(e.path.rsplit("/", 1)[-1]))}
+    return len(ranks) or None
+
+
+class ReshardedRankFiles:
+    """The rank files of the committed ZeRO checkpoint ``checkpoint`` at ``world`` ranks."""
+
+    def __init__(self, checkpoint: Store, manifest: Manifest, world: int, stage: int) -> None:
+        prefixes = {p for e in manifest.files if ATTEMPT_RE.match(p := e.path.partition("/")[0])}
+        self.files = checkpoint.child(prefixes.pop()) if len(prefixes) == 1 else checkpoint
+        self.world = world
+        self._entries: dict[str, FileEntry] = {logical_path(e.path): e for e in manifest.files}
+        self._chunk_size = manifest.chunk_size
+        self._verified: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        for key, entry in self._entries.items():
+            name = key.rsplit("/", 1)[-1]
+            if MODEL_STATES.search(name) or OPTIM_STATES.search(name):
+                self._check(key, [(0, 1), (max(entry.size - 1, 0), entry.size)])
+        self.source = read_zero(self.files)
+        if self.source.stage != stage:
+            raise FormatError(
+                f"{checkpoint.url}: saved with ZeRO stage {self.source.stage}, this engine runs stage "
+                f"{stage}: resharding keeps the stage; load it with the stage it was saved with"
+            )
+        self.names = list(rank_trees(self.source, world))
+
+    def load(self, name: str, map_location: Any = None) -> Any:
+        """The new rank file ``name``, as ``torch.load`` returns it (vetted classes only)."""
+        import torch
+
+        tensors = SourceTensors(self.files)
+        tree = rank_trees(self.source, self.world, tensors)[name]()
+        self._check_reads(tensors.reads)
+        data = b"".join(torch_tree_chunks(tree))
+        with safe_globals():
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+    def _check_reads(self, reads: list[tuple[str, int, int]]) -> None:
+        by_key: dict[str, list[tuple[int, int]]] = {}
+        for key, start, end in reads:
+            by_key.setdefault(key, []).append((start, end))
+        for key, ranges in by_key.items():
+            self._check(key, ranges)
+
+    def _check(self, key: str, ranges: list[tuple[int, int]]) -> None:
+        """Check the manifest chunk digests of every chunk of ``key`` that ``ranges`` touch."""
+        entry = self._entries.get(key)
+        if entry is None:
+            raise FormatError(f"{self.files.url}/{key}: not listed in the checkpoint's manifest")
+        bounds = chunk_ranges(entry.size, self._chunk_size)
+        wanted = {
+            index
+            for start, end in ranges
+            for index in range(start // self._chunk_size, max(start, end - 1) // self._chunk_size + 1)
+            if index < len(bounds)
+        }
+        for index in sorted(wanted):
+            with self._lock:
+                if (key, index) in self._verified:
+                    continue
+            start, end = bounds[index]
+            actual = hash_range(self.files, key, start, end, algorithm=entry.algorithm)
+            if actual != entry.chunks[index]:
+                raise ChecksumMismatchError(
+                    f"{self.files.url}/{key}", entry.chunks[index], actual, (start, end)
+                )
+            with self._lock:
+                self._verified.add((key, index))
