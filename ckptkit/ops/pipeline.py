@@ -1,6 +1,6 @@
 """The one write–reload–commit pipeline of every command that writes tensors from a source.
 
-``convert`` and ``consolidate`` (and ``reshard`` when it lands) describe what they read as a
+``convert`` and ``consolidate`` describe what they read as a
 :class:`~ckptkit.ops.convert_source.Source`, every tensor with a callable streaming its bytes,
 and hand it here:
 
