@@ -32,6 +32,7 @@ def test_every_case_reads_as_deepspeed_recorded_it(case: DeepSpeedCase) -> None:
     assert zero.mp_world_size == want["mp_world_size"]
     assert zero.problems == []
     assert zero.fp32_elements >= want["num_trainable_elements"]  # plus tail padding
+    assert zero.loads_at_dp_world_size == want["dp_world_size"] and zero.resharded is None
 
     opt = zero.optimizer
     assert opt.kind == want["base_optimizer_class"]
@@ -128,3 +129,29 @@ def test_a_single_rank_file_is_recognised_by_content(deepspeed_checkpoints, tmp_
     report = inspect_path(renamed, ["optimizer", "scaler"])
     assert report.zero.stage == 2 and report.zero.rank_files == 1
     assert report.scalers[0].scale == case.expected["cur_scale"]
+
+
+def test_a_resharded_checkpoint_says_where_it_came_from(deepspeed_checkpoints, tmp_path) -> None:
+    """inspect of a ``ckptkit reshard`` output: the world size it now loads at, where it was
+    resharded from, and which saved RNG state each new rank got."""
+    from click.testing import CliRunner
+
+    from ckptkit.cli.main import cli
+    from ckptkit.ops.reshard import reshard_zero
+
+    case = deepspeed_checkpoints["z2_fp16_overflow"]
+    save_dir = shutil.copytree(case.save_dir, tmp_path / "ckpt")
+    for rank in (0, 1):
+        (save_dir / f"rng_state_{rank}.pth").write_bytes(f"rank {rank}".encode())
+    reshard_zero(save_dir, tmp_path / "ckpt-3", world_size=3)
+
+    zero = inspect_path(tmp_path / "ckpt-3", ["optimizer"]).zero
+    assert zero.loads_at_dp_world_size == 3 and zero.rank_files == 3
+    assert zero.resharded == {
+        "source": f"{save_dir}/{case.tag}", "from_world_size": 2, "world_size": 3, "zero_stage": 2,
+        "rng_states": {"0": 0, "1": 1, "2": 0},
+    }
+    text = CliRunner().invoke(cli, ["inspect", str(tmp_path / "ckpt-3")]).output
+    assert "loads as is at data-parallel world size 3 only; at any other: 'ckptkit reshard" in text
+    assert "resharded by ckptkit from 2 to 3 ranks" in text
+    assert "0 <- 0, 1 <- 1, 2 <- 0" in text
