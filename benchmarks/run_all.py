@@ -2,7 +2,7 @@
 not, with the numbers), write ``benchmarks/out/results.json`` (with the machine facts).
 
     .venv/bin/python benchmarks/run_all.py [--only startup,ls,save,verify,inspect,consolidate,convert,
-                                                   sync,remote,mirror] [--quick]
+                                                   sync,remote,mirror,reshard] [--quick]
     (or: make bench)
 
 The full run keeps every benchmark's full size but fewer rounds where a benchmark is long
@@ -16,6 +16,7 @@ printed ``benchmark_seconds`` of each replaces these):
 - save (~3.5 min): 1.27 GB, 5 contenders on disk and in tmpfs, 3 + 1 warm-up rounds, 5 RSS
   children, 3 load rounds;
 - consolidate (~3 min, most of it making the DeepSpeed checkpoints on first use);
+- reshard (~2 min, 3 rounds; it reuses consolidate's DeepSpeed checkpoints, made on first use);
 - verify (~2 min), ls (~1.5 min), inspect (~1.5 min), mirror (~1 min), convert (~1 min),
   startup (~10 s).
 
@@ -38,6 +39,7 @@ import bench_inspect
 import bench_ls_s3
 import bench_mirror
 import bench_remote
+import bench_reshard
 import bench_save_load
 import bench_startup
 import bench_sync
@@ -55,6 +57,7 @@ BENCHMARKS: dict[str, Callable[..., Result]] = {
     "sync": bench_sync.run,
     "remote": bench_remote.run,
     "mirror": bench_mirror.run,
+    "reshard": bench_reshard.run,
 }
 # Settings of the full run where they differ from a benchmark's own defaults: fewer rounds, same sizes.
 FULL: dict[str, dict[str, Any]] = {
@@ -71,6 +74,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "sync": {"gb": 0.1, "files": 4, "rounds": 1},
     "remote": {"gb": 0.1, "rounds": 1, "quick": True},
     "mirror": {"rounds": 1, "steps": 20},
+    "reshard": {"rounds": 1},
 }
 
 
