@@ -53,6 +53,15 @@ def logical_path(path: str) -> str:
     return rest if sep and ATTEMPT_RE.match(first) else path
 
 
+def files_of(checkpoint: Store, manifest: Manifest) -> Store:
+    """Where a committed checkpoint's files lie under their logical paths: inside its attempt
+    prefix on an object store (every file of one commit shares it), else the checkpoint itself."""
+    prefixes = {first for e in manifest.files if ATTEMPT_RE.match(first := e.path.partition("/")[0])}
+    if len(prefixes) == 1 and all("/" in e.path for e in manifest.files):
+        return checkpoint.child(prefixes.pop())
+    return checkpoint
+
+
 def is_ckptkit_debris_dir(name: str) -> bool:
     """A root-level directory that only ckptkit's own staging or deletion creates."""
     return name.startswith(".") and (STAGING_MARKER in name or TRASH_MARKER in name)

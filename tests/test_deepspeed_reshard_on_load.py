@@ -184,3 +184,25 @@ def test_corrupt_partition_bytes_fail_the_chunk_digest(deepspeed_checkpoints: An
     with pytest.raises(ChecksumMismatchError, match=piece.key):
         served = ReshardedRankFiles(store, manifest, world=3, stage=2)
         served.load("zero_pp_rank_2_mp_rank_00_optim_states.pt")
+
+
+@pytest.mark.slow  # three multi-rank DeepSpeed runs
+def test_a_reshard_output_loads_through_use_ckptkit(deepspeed_parent: None, tmp_path: Path) -> None:
+    """``ckptkit reshard`` commits the save dir whole (``latest`` included); ckptkit's engine loads
+    it at the world size it was written for, and at another one by resharding again on load."""
+    from ckptkit.ops.reshard import reshard_zero
+
+    root, saved = tmp_path / "run", tmp_path / "saved"
+    saved.mkdir()
+    assert worker.run(worker.Scenario(str(root), str(saved), total_steps=3, save_at=[3]), world=2) == [0, 0]
+    reshard_zero(root, tmp_path / "run-3", world_size=3)
+    want = _final(saved, 0)
+    for world in (3, 1):
+        out = tmp_path / f"at-{world}"
+        out.mkdir()
+        scenario = worker.Scenario(str(tmp_path / "run-3"), str(out), total_steps=3, resume=True)
+        assert worker.run(scenario, world=world) == [0] * world
+        assert _result(out, 0)["loaded"]["url"] == f"{tmp_path}/run-3/global_step3"
+        assert bool(_result(out, 0)["log"]) == (world != 3)  # resharded on load only at 1 rank
+        for key in _CARRIED:
+            _assert_equal(_final(out, 0)[key], want[key], f"ws{world}/{key}")

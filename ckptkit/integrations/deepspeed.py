@@ -58,7 +58,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from ckptkit.catalog import list_checkpoints, read_manifest, step_from_name
-from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction
+from ckptkit.commit import CheckpointTransaction, files_of
 from ckptkit.distributed import (
     DEFAULT_TIMEOUT_S,
     AttemptSink,
@@ -71,8 +71,8 @@ from ckptkit.distributed import (
 from ckptkit.errors import ChecksumMismatchError, ManifestError, NotCommittedError, NotFoundError
 from ckptkit.formats.deepspeed import LATEST, resolve_latest
 from ckptkit.hashing import choose_algorithm, digest_bytes
-from ckptkit.integrations.zero_reshard import ReshardedRankFiles, saved_dp_world_size
-from ckptkit.manifest import FileEntry, Manifest, validate_path
+from ckptkit.integrations.zero_reshard import ReshardedRankFiles, saved_dp_world_size, tag_entries
+from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
 from ckptkit.safe import safe_globals
 from ckptkit.storage import Store, open_store
 
@@ -222,20 +222,17 @@ class CkptkitCheckpointEngine(CheckpointEngine):
 
         A ZeRO checkpoint saved at another data-parallel world size than the engine's is shown
         as the rank files of the engine's size, made on demand (:mod:`.zero_reshard`)."""
-        checkpoint = self.root.child(validate_path(tag))
-        manifest = read_manifest(checkpoint)
+        checkpoint, manifest, inner = locate_tag(self.root, tag)
         local = tempfile.mkdtemp(prefix="ckptkit-ds-load-")
         try:
-            resharded = self._reshard_if_needed(checkpoint, manifest)
+            resharded = self._reshard_if_needed(checkpoint, manifest, inner)
             if resharded is not None:
                 for name in resharded.names:
                     self._placeholder(local, tag, [name], functools.partial(resharded.load, name))
             else:
-                for entry in manifest.files:
-                    parts = entry.path.split("/")
-                    if len(parts) > 1 and ATTEMPT_RE.match(parts[0]):
-                        parts = parts[1:]  # the object-store attempt prefix is not part of DeepSpeed's name
-                    self._placeholder(local, tag, parts, functools.partial(_load_entry, checkpoint, entry))
+                for path, entry in tag_entries(manifest, inner).items():
+                    load = functools.partial(_load_entry, checkpoint, entry)
+                    self._placeholder(local, tag, path.split("/"), load)
             yield local
         finally:
             self._load_map.clear()
@@ -247,13 +244,16 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         open(placeholder, "wb").close()
         self._load_map[os.path.abspath(placeholder)] = load
 
-    def _reshard_if_needed(self, checkpoint: Store, manifest: Manifest) -> ReshardedRankFiles | None:
+    def _reshard_if_needed(
+        self, checkpoint: Store, manifest: Manifest, inner: str
+    ) -> ReshardedRankFiles | None:
         engine = self._engine
-        saved = saved_dp_world_size(manifest)
+        saved = saved_dp_world_size(tag_entries(manifest, inner))
         if engine is None or saved is None or saved == int(engine.dp_world_size):
             return None
         world = int(engine.dp_world_size)
-        resharded = ReshardedRankFiles(checkpoint, manifest, world, int(engine.zero_optimization_stage()))
+        stage = int(engine.zero_optimization_stage())
+        resharded = ReshardedRankFiles(checkpoint, manifest, world, stage, inner)
         if self.rank == 0:
             log.warning(
                 "ckptkit: %s was saved by %d data-parallel ranks; resharding its ZeRO-%d state on load "
@@ -345,12 +345,35 @@ def save_checkpoint(
     return checkpoint_engine.last_committed
 
 
+def locate_tag(root: Store, tag: str) -> tuple[Store, Manifest, str]:
+    """Where committed tag ``tag`` of save dir ``root`` is: the checkpoint, its manifest, and the
+    prefix of the tag's files in it. ckptkit's own saves and ``index`` commit each tag directory
+    (``root/<tag>``, prefix ""); ``ckptkit reshard`` (and ``index`` of an HF ``checkpoint-N``)
+    commits the save dir whole, ``latest`` included (``root``, prefix ``"<tag>/"``)."""
+    validate_path(tag)
+    if root.exists(MANIFEST_NAME):
+        manifest = read_manifest(root)
+        if not tag_entries(manifest, f"{tag}/"):
+            raise NotCommittedError(f"{root.url}: the committed save dir holds no tag {tag!r}")
+        return root, manifest, f"{tag}/"
+    checkpoint = root.child(tag)
+    return checkpoint, read_manifest(checkpoint), ""
+
+
 def resolve_tag(root: Store, tag: str | None = None) -> str | None:
     """The committed DeepSpeed checkpoint to load: ``tag`` (which must be committed), else the one
     ``latest`` names if it is committed, else the newest committed one; None if there is none.
+    A save dir committed whole (:func:`locate_tag`) has one answer: the tag its ``latest`` names.
 
     ``latest`` is read by :func:`ckptkit.formats.deepspeed.resolve_latest`, as everywhere else: one
     that is oversized, not a directory name, or names a tag with no files is a FormatError."""
+    if root.exists(MANIFEST_NAME):
+        if tag is None:
+            tag = resolve_latest(files_of(root, read_manifest(root)))
+            if tag is None:
+                raise NotCommittedError(f"{root.url}: a committed save dir without a 'latest' file")
+        locate_tag(root, tag)  # NotCommittedError unless the tag is in it
+        return tag
     if tag is not None:
         read_manifest(root.child(validate_path(tag)))  # NotCommittedError if it is not committed
         return tag

@@ -18,7 +18,7 @@ import io
 import threading
 from typing import Any
 
-from ckptkit.commit import ATTEMPT_RE, logical_path
+from ckptkit.commit import files_of, logical_path
 from ckptkit.errors import ChecksumMismatchError, FormatError
 from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.torch_writer import torch_tree_chunks
@@ -29,26 +29,36 @@ from ckptkit.safe import safe_globals
 from ckptkit.storage import Store
 
 
-def saved_dp_world_size(manifest: Manifest) -> int | None:
-    """The data-parallel size a DeepSpeed checkpoint's optimizer rank files state (None: no ZeRO)."""
-    ranks = {m.group(2) for e in manifest.files if (m := OPTIM_STATES.search(e.path.rsplit("/", 1)[-1]))}
+def tag_entries(manifest: Manifest, inner: str = "") -> dict[str, FileEntry]:
+    """The manifest's files below ``inner`` (``"<tag>/"`` when the whole save dir was committed,
+    ``""`` when the tag directory was), by their path inside the tag directory."""
+    return {
+        path[len(inner) :]: e for e in manifest.files if (path := logical_path(e.path)).startswith(inner)
+    }
+
+
+def saved_dp_world_size(entries: dict[str, FileEntry]) -> int | None:
+    """The data-parallel size a tag directory's optimizer rank files state (None: no ZeRO)."""
+    ranks = {m.group(2) for path in entries if "/" not in path and (m := OPTIM_STATES.search(path))}
     return len(ranks) or None
 
 
 class ReshardedRankFiles:
-    """The rank files of the committed ZeRO checkpoint ``checkpoint`` at ``world`` ranks."""
+    """The rank files of a committed ZeRO checkpoint's tag at ``world`` ranks: the tag directory
+    is ``inner`` inside ``checkpoint`` (see :func:`tag_entries`)."""
 
-    def __init__(self, checkpoint: Store, manifest: Manifest, world: int, stage: int) -> None:
-        prefixes = {p for e in manifest.files if ATTEMPT_RE.match(p := e.path.partition("/")[0])}
-        self.files = checkpoint.child(prefixes.pop()) if len(prefixes) == 1 else checkpoint
+    def __init__(
+        self, checkpoint: Store, manifest: Manifest, world: int, stage: int, inner: str = ""
+    ) -> None:
+        files = files_of(checkpoint, manifest)
+        self.files = files.child(inner.rstrip("/")) if inner else files
         self.world = world
-        self._entries: dict[str, FileEntry] = {logical_path(e.path): e for e in manifest.files}
+        self._entries = tag_entries(manifest, inner)
         self._chunk_size = manifest.chunk_size
         self._verified: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         for key, entry in self._entries.items():
-            name = key.rsplit("/", 1)[-1]
-            if MODEL_STATES.search(name) or OPTIM_STATES.search(name):
+            if "/" not in key and (MODEL_STATES.search(key) or OPTIM_STATES.search(key)):
                 self._check(key, [(0, 1), (max(entry.size - 1, 0), entry.size)])
         self.source = read_zero(self.files)
         if self.source.stage != stage:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest
-from ckptkit.commit import ATTEMPT_RE
+from ckptkit.commit import files_of
 from ckptkit.errors import ManifestError, NotCommittedError, NotFoundError
 from ckptkit.formats.zero import RESHARD_KEY
 from ckptkit.hashing import chunk_ranges, get_algorithm, hash_range
@@ -145,8 +145,7 @@ def _check_certificate(checkpoint: Store, manifest: Manifest, jobs: int) -> list
     partitions may not even parse."""
     from ckptkit.ops.reshard_certificate import check_certificate  # torch-free, but not needed otherwise
 
-    prefixes = {p for e in manifest.files if (p := e.path.partition("/")[0]) and ATTEMPT_RE.match(p)}
-    files = checkpoint.child(prefixes.pop()) if len(prefixes) == 1 else checkpoint
+    files = files_of(checkpoint, manifest)
     return [
         Finding(RESHARD_KEY, "certificate", f"reshard certificate: {problem}")
         for problem in check_certificate(files, manifest.metadata, jobs)
