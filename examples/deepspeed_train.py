@@ -11,6 +11,11 @@ Run it twice; the second run resumes where the first one stopped:
     python examples/deepspeed_train.py --root runs/ds --steps 4
     python examples/deepspeed_train.py --root runs/ds --steps 8
 
+Fewer (or more) GPUs tomorrow? The same loop resumes on another number of ranks: ckptkit's
+checkpoint engine reshards the ZeRO state on load, optimizer included (rank 0 logs one line):
+
+    python examples/deepspeed_train.py --root runs/ds --steps 10 --ranks 3
+
 Started by a launcher (``deepspeed`` or ``torchrun``, which set ``RANK``) the script is one rank.
 Started with plain ``python`` it forks 2 ranks on this machine's CPU (``_ds_launch.py``).
 """
@@ -70,6 +75,7 @@ def main() -> int:
     parser.add_argument("--root", required=True, help="checkpoint root: a path every rank sees, or s3://...")
     parser.add_argument("--steps", type=int, default=8, help="train until this global step")
     parser.add_argument("--save-every", type=int, default=2, help="steps between checkpoints")
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to fork (plain python only)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args()
     run = (args.root, args.steps, args.save_every)
@@ -84,8 +90,8 @@ def main() -> int:
         train(int(os.environ["RANK"]), *run)
         return 0
     _ds_launch.prepare()
-    codes = _ds_launch.run_ranks(train, run)
-    if codes != [0, 0]:
+    codes = _ds_launch.run_ranks(train, run, world=args.ranks)
+    if codes != [0] * args.ranks:
         print(f"a rank failed: exit codes {codes}", file=sys.stderr)
         return 1
     return 0

@@ -125,3 +125,14 @@ def test_train_saves_then_resumes_from_newest_committed(tmp_path: Path) -> None:
     assert _committed(root) == {"global_step2": 2, "global_step4": 4, "global_step5": 5}
     assert (root / "latest").read_text() == "global_step5"
     assert all(report.status == "ok" for report in verify_tree(open_store(root)))
+
+    # Tomorrow on 3 ranks: the same loop resumes, ckptkit resharding the ZeRO state on load.
+    third = _run("deepspeed_train.py", "--root", str(root), "--steps", "6", "--ranks", "3")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"resumed from {root / 'global_step5'} at step 5" in third.stdout
+    assert (
+        f"{root / 'global_step5'} was saved by 2 data-parallel ranks; resharding its ZeRO-2 state on load "
+        "for 3 ranks" in third.stderr
+    )
+    manifest = read_manifest(open_store(root).child("global_step6"))
+    assert manifest.topology == {**ZERO2_TOPOLOGY, "world_size": 3, "dp_world_size": 3}
