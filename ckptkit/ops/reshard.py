@@ -119,18 +119,21 @@ def reshard_zero(
     src_url = src if isinstance(src, Store) else os.fspath(src)
     ckpt = read_zero(src_url, tag=tag, **storage_options)
     jobs = default_jobs(ckpt.store)
-    before = certify(ckpt, jobs)
     parent, name = split_parent(dst)
     root = open_store(parent, **storage_options)
     trees = rank_trees(ckpt, world_size)
     total = 0
+    # The transaction refuses a committed DST before the certificate reads every source byte.
     with CheckpointTransaction(root, name, digest=digest) as txn:
+        before = certify(ckpt, jobs)
         progress.start(_source_bytes(ckpt), len(trees))
-        for file_name, make in trees.items():
-            entry = txn.write(f"{ckpt.tag}/{file_name}", _counted(torch_tree_chunks(make()), progress))
-            total += entry.size
-            progress.file_done()
-        progress.finish()
+        try:
+            for file_name, make in trees.items():
+                entry = txn.write(f"{ckpt.tag}/{file_name}", _counted(torch_tree_chunks(make()), progress))
+                total += entry.size
+                progress.file_done()
+        finally:
+            progress.finish()  # also on error: the CLI's progress line ends before the error line
         rng, carried = _carry_save_dir_files(ckpt.save_dir, txn, ckpt.world_size, world_size)
         txn.write(LATEST, ckpt.tag.encode())
         written = read_zero(txn.files, tag=ckpt.tag)
