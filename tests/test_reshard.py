@@ -570,6 +570,14 @@ def _tamper_step(tag: Path) -> None:
     torch.save(tree, path)
 
 
+def _tamper_sub_group_size(tag: Path) -> None:
+    """A ZeRO-3 config whose sub_group_size splits the param group once partitions change size."""
+    for path in tag.glob("*optim_states.pt"):
+        tree = torch.load(path, weights_only=False)
+        tree["ds_config"]["zero_optimization"]["sub_group_size"] = 100
+        torch.save(tree, path)
+
+
 BAD = {
     "missing-rank": ("z2_fp16_overflow", _tamper_missing_rank, "rank file(s) [1] missing"),
     "truncated": ("z2_fp16_overflow", _tamper_truncate, "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
@@ -585,7 +593,30 @@ BAD = {
     "loss-scaler": ("z2_fp16_overflow", _tamper_loss_scaler, "disagree on loss_scaler"),
     "step-z1": ("z1_bf16_none", _tamper_step, "disagree on the optimizer step"),
     "step-z3": ("z3_bf16_warmuplr", _tamper_step, "disagree on the optimizer step"),
+    "sub-groups": (
+        "z3_bf16_warmuplr",
+        _tamper_sub_group_size,
+        "would split param group into sub-groups of [2, 3] params, not [5]",
+    ),
 }
+
+
+@pytest.mark.parametrize("size", [None, 1, 50, 100, 250, 10_000])
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_sub_group_rule_is_deepspeeds(size: int | None, world: int) -> None:
+    """ckptkit's copy of ZeRO-3's sub-group cut gives DeepSpeed's own groups."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from ckptkit.ops.reshard_plan import ParamState, _sub_group_sizes
+
+    numels = [128, 240, 30, 240, 8, 1, 77]
+    params = [ParamState(f"p{i}", (n,), n) for i, n in enumerate(numels)]
+    fakes = [SimpleNamespace(partition_numel=lambda n=n: -(-n // world)) for n in numels]
+    optimizer = SimpleNamespace(sub_group_size=size)
+    theirs = DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(optimizer, fakes)
+    assert _sub_group_sizes(params, world, size) == [len(g) for g in theirs]
 
 
 @pytest.mark.parametrize("kind", list(BAD))

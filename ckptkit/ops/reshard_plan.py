@@ -591,7 +591,7 @@ def _check_sub_groups(ckpt: ZeroCheckpoint, world: int) -> None:
             )
 
 
-def _sub_group_sizes(params: list[ParamState], world: int, size: int) -> list[int]:
+def _sub_group_sizes(params: list[ParamState], world: int, size: int | None) -> list[int]:
     """Params per sub-group as DeepSpeed's ``_create_fp16_sub_groups`` cuts them."""
     partitions = [param_partition_numel(p.numel, world) for p in params]
     if size is None or size >= sum(partitions):
