@@ -172,7 +172,7 @@ def test_corrupt_partition_bytes_fail_the_chunk_digest(deepspeed_checkpoints: An
     the source is opened)."""
     from ckptkit.errors import ChecksumMismatchError
     from ckptkit.integrations.zero_reshard import ReshardedRankFiles
-    from ckptkit.ops.reshard_plan import read_zero
+    from ckptkit.ops.zero_source import read_zero
 
     store, manifest = _committed_tag(deepspeed_checkpoints, "z2_fp16_overflow", tmp_path)
     source = read_zero(store)

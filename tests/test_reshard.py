@@ -609,7 +609,8 @@ def test_sub_group_rule_is_deepspeeds(size: int | None, world: int) -> None:
 
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-    from ckptkit.ops.reshard_plan import ParamState, _sub_group_sizes
+    from ckptkit.ops.zero_rank_files import _sub_group_sizes
+    from ckptkit.ops.zero_source import ParamState
 
     numels = [128, 240, 30, 240, 8, 1, 77]
     params = [ParamState(f"p{i}", (n,), n) for i, n in enumerate(numels)]
@@ -820,7 +821,7 @@ def test_s3_source_is_read_by_ranges(
     """Every GET of the source names a range. Beyond the symbolic read of each file's zip
     directory and pickle (a bounded cost per file), the source's tensor bytes are fetched twice:
     once for the certificate and once to copy them, whatever the number of new ranks."""
-    from ckptkit.ops.reshard_plan import read_zero
+    from ckptkit.ops.zero_source import read_zero
 
     case = deepspeed_checkpoints["z3_bf16_warmuplr"]
     sizes = _upload(case.save_dir, f"{faulty_bucket}/src")

@@ -2,7 +2,7 @@
 
 When ``engine.load_checkpoint`` runs through ckptkit's checkpoint engine at a data-parallel
 world size other than the saved one, DeepSpeed is shown the rank files it would have written at
-the new size (:func:`ckptkit.ops.reshard_plan.rank_trees`) and each is made only when DeepSpeed
+the new size (:func:`ckptkit.ops.zero_rank_files.rank_trees`) and each is made only when DeepSpeed
 asks for it. A rank asks only for its own files (and, at ZeRO-1/2, the shared model states), so
 it reads only the byte ranges of the source partitions its new partition covers.
 
@@ -24,7 +24,8 @@ from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.torch_writer import torch_tree_chunks
 from ckptkit.hashing import chunk_ranges, hash_range
 from ckptkit.manifest import FileEntry, Manifest
-from ckptkit.ops.reshard_plan import SourceTensors, rank_trees, read_zero
+from ckptkit.ops.zero_rank_files import SourceTensors, rank_trees
+from ckptkit.ops.zero_source import read_zero
 from ckptkit.safe import safe_globals
 from ckptkit.storage import Store
 

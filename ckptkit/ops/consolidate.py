@@ -45,7 +45,15 @@ from ckptkit.hashing import choose_algorithm
 from ckptkit.ops.convert_source import Source, SourceTensor, read_directory
 from ckptkit.ops.inspect.values import as_tensor
 from ckptkit.ops.pipeline import WriteReport, dtype_name, make_plan, write_checkpoint
-from ckptkit.ops.tensor_io import Piece, cast_chunks, itemsize_of, out_dtype, parse_size, read_pieces
+from ckptkit.ops.tensor_io import (
+    Piece,
+    cast_chunks,
+    itemsize_of,
+    out_dtype,
+    parse_size,
+    read_pieces,
+    slice_pieces,
+)
 from ckptkit.pickle import GlobalRef, TensorRef, VettedObject
 from ckptkit.progress import Progress
 from ckptkit.storage import Store
@@ -110,30 +118,8 @@ class _Virtual:
         self.segments = segments
         self.length = sum(s.numel for s in segments)
 
-    def take(self, start: int, count: int, itemsize: int = 4) -> list[Piece]:
-        if start + count > self.length:
-            raise FormatError(
-                f"a parameter needs elements [{start}, {start + count}) of a flat partition of "
-                f"{self.length} elements: the shapes and the partitions disagree"
-            )
-        out, base = [], 0
-        for seg in self.segments:
-            lo, hi = max(start, base), min(start + count, base + seg.numel)
-            if lo < hi:
-                out.append(Piece(seg.key, seg.offset + (lo - base) * itemsize, hi - lo))
-            base += seg.numel
-        return out
-
-
-def _trim(pieces: list[Piece], numel: int) -> list[Piece]:
-    out, left = [], numel
-    for p in pieces:
-        if left <= 0:
-            break
-        n = min(p.numel, left)
-        out.append(Piece(p.key, p.offset, n))
-        left -= n
-    return out
+    def take(self, start: int, count: int) -> list[Piece]:
+        return slice_pieces(self.segments, start, count, 4)
 
 
 def zero_stage_of(value: Any) -> int | None:
@@ -311,7 +297,7 @@ def _plan_stage3(tensors: dict[str, PlannedTensor], shapes: list[Any], groups: l
             t = PlannedTensor(name, "trainable", tuple(shape), "float32", [])
             part = -(-t.numel // world)  # every rank holds ceil(numel / world) at the same offset
             pieces = [p for v in vectors for p in v.take(offset, part)]
-            t.pieces = _trim(pieces, t.numel)
+            t.pieces = slice_pieces(pieces, 0, t.numel, 4)
             tensors[name] = t
             offset += part
     for r, v in enumerate(vectors):
@@ -361,9 +347,9 @@ def _plan_frozen(
             fragments.append((contiguous_piece(key, ref, name), ref.dtype))
             if stage != 3:
                 break  # stage 2: rank 0's fragment is the whole tensor
-        pieces = _trim([p for p, _ in fragments], numel)
-        if sum(p.numel for p in pieces) != numel:
+        if sum(p.numel for p, _ in fragments) < numel:
             raise FormatError(f"frozen param {name}: fragments hold fewer than its {numel} elements")
+        pieces = slice_pieces([p for p, _ in fragments], 0, numel, itemsize_of(fragments[0][1]))
         tensors[name] = PlannedTensor(name, "frozen", tuple(shape), fragments[0][1], pieces)
 
 

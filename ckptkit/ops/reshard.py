@@ -7,11 +7,12 @@ Files the source save dir holds beside its tag (an HF Trainer ``checkpoint-N``: 
 scheduler, config, weights) are carried too, and per-rank RNG states ``rng_state_<r>.pth`` follow
 :func:`rng_rule`.
 
-How (:mod:`ckptkit.ops.reshard_plan`): every source rank file is read symbolically; each new
-rank file is a pickle tree whose tensors stream from byte ranges of the source partitions, so
-memory holds the trees and one read chunk, never a model. The files go into a
-:class:`CheckpointTransaction` (staging directory or attempt prefix); nothing is visible at DST
-until the manifest is committed, and a crash leaves only what ``gc`` removes.
+How: every source rank file is read symbolically (:mod:`ckptkit.ops.zero_source`); each new
+rank file is a pickle tree whose tensors stream from byte ranges of the source partitions
+(:mod:`ckptkit.ops.zero_rank_files`), so memory holds the trees and one read chunk, never a
+model. The files go into a :class:`CheckpointTransaction` (staging directory or attempt
+prefix); nothing is visible at DST until the manifest is committed, and a crash leaves only
+what ``gc`` removes.
 
 **Conservation certificate.** Before writing, a digest (BLAKE3) of every trainable parameter's
 fp32 master weights and of each per-element optimizer state (Adam's ``exp_avg`` and
@@ -37,8 +38,9 @@ from ckptkit.formats.torch_writer import torch_tree_chunks
 from ckptkit.hashing import choose_algorithm
 from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.ops.reshard_certificate import CERTIFICATE_KEY, certify
-from ckptkit.ops.reshard_plan import ZeroCheckpoint, rank_trees, read_zero
 from ckptkit.ops.verify import default_jobs
+from ckptkit.ops.zero_rank_files import rank_trees
+from ckptkit.ops.zero_source import ZeroCheckpoint, read_zero
 from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage import Store, open_store, split_parent
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from ckptkit.errors import FormatError
 from ckptkit.formats.zero import RESHARD_KEY as CERTIFICATE_KEY
-from ckptkit.ops.reshard_plan import ParamState, ZeroCheckpoint, read_zero, stream_pieces
+from ckptkit.ops.tensor_io import read_pieces
+from ckptkit.ops.zero_source import ParamState, ZeroCheckpoint, read_zero
 from ckptkit.storage import Store
 
 __all__ = ["CERTIFICATE_KEY", "certify", "check_certificate"]
@@ -30,7 +31,7 @@ def certify(ckpt: ZeroCheckpoint, jobs: int) -> dict[str, dict[str, str]]:
         digests = {}
         for key, pieces in param.states.items():
             hasher = blake3()
-            for chunk in stream_pieces(ckpt.store, pieces, 4):
+            for chunk in read_pieces(ckpt.store, pieces, 4):
                 hasher.update(chunk)
             digests[key] = hasher.hexdigest()
         return param.name, digests

@@ -44,17 +44,43 @@ class Piece:
     numel: int
 
 
+def slice_pieces(pieces: Iterable[Piece], start: int, count: int, itemsize: int) -> list[Piece]:
+    """Elements ``[start, start + count)`` of the vector the pieces form, back to back, as pieces.
+    A piece without a key stands for zeros (padding) and stays one. FormatError when the
+    vector is shorter: a layout and the partitions that should hold it disagree."""
+    out, base = [], 0
+    for p in pieces:
+        lo, hi = max(start, base), min(start + count, base + p.numel)
+        if lo < hi:
+            out.append(Piece(p.key, p.offset + (lo - base) * itemsize if p.key else 0, hi - lo))
+        base += p.numel
+    if sum(p.numel for p in out) != count:
+        raise FormatError(
+            f"elements [{start}, {start + count}) are needed from a partition of {base} elements: "
+            "the shapes and the partitions disagree"
+        )
+    return out
+
+
 def read_pieces(store: Store, pieces: Iterable[Piece], itemsize: int) -> Iterator[bytes]:
     """The pieces' bytes in bounded ranged reads; every chunk holds whole elements.
 
     Consecutive chunks of one file, up to READ_CHUNK bytes, go to the store in one
     ``read_ranges`` call: a run of small tensors stored side by side costs one request on an
-    object store, not one each, and memory stays bounded by READ_CHUNK."""
+    object store, not one each, and memory stays bounded by READ_CHUNK. A piece without a key
+    is that many zero elements (padding), read from nowhere."""
     step = READ_CHUNK - READ_CHUNK % itemsize
     batch: list[tuple[int, int]] = []
     batch_key = ""
     for p in pieces:
         n = p.numel * itemsize
+        if not p.key:
+            if batch:
+                yield from _read_batch(store, batch_key, batch)
+                batch = []
+            for lo in range(0, n, step):
+                yield bytes(min(step, n - lo))
+            continue
         for lo in range(0, n, step):
             chunk = (p.offset + lo, p.offset + min(n, lo + step))
             held = sum(e - s for s, e in batch)
