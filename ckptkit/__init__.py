@@ -21,6 +21,7 @@ _EXPORTS = {
     "list_checkpoints": "ckptkit.catalog",
     "read_manifest": "ckptkit.catalog",
     "CkptkitError": "ckptkit.errors",
+    "FlatShard": "ckptkit.native.partition",
     "Manifest": "ckptkit.manifest",
     "collect_garbage": "ckptkit.ops.gc",
     "index_checkpoint": "ckptkit.ops.index",
@@ -51,6 +52,7 @@ __all__ = [
     "CheckpointManager",
     "CkptkitError",
     "DistributedCommitError",
+    "FlatShard",
     "Manifest",
     "Mirror",
     "MirrorError",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
     from ckptkit.manager import CheckpointManager
     from ckptkit.manifest import Manifest
     from ckptkit.mirror import Mirror, MirrorError
+    from ckptkit.native.partition import FlatShard
     from ckptkit.ops.convert import convert
     from ckptkit.ops.doctor import doctor
     from ckptkit.ops.gc import collect_garbage

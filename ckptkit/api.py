@@ -4,7 +4,9 @@ Under ``torch.distributed`` with more than one rank, a save is collective: each 
 own state into ``rank-NNNNN/`` (``tree.json`` plus shards) of one shared attempt, and rank 0
 commits one manifest listing every rank's files (see :mod:`ckptkit.distributed`); with
 ``replicated=True`` only rank 0's state is written, once, and any number of ranks may load it.
-The manifest's ``topology`` records ``world_size``, ``replicated`` and, per rank, its files.
+The manifest's ``topology`` records ``world_size``, ``replicated`` and, per rank, its files. A
+per-rank checkpoint whose ranks differ only in :class:`~ckptkit.FlatShard` values (a partitioned
+optimizer state) loads at any world size, resharded on load.
 
 torch is imported inside these functions, never at module level, so ``import ckptkit`` stays
 torch-free for the commands that produce no tensors.
@@ -12,6 +14,7 @@ torch-free for the commands that produce no tensors.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,12 +30,14 @@ from ckptkit.distributed import (
     open_shared_attempt,
     world,
 )
-from ckptkit.errors import NotCommittedError
+from ckptkit.errors import FormatError, NotCommittedError
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptkit.native.files import native_files, rank_files
 from ckptkit.storage import Store, open_store, split_parent
 
 DEFAULT_MAX_SHARD_SIZE = 1 << 30
+
+_log = logging.getLogger(__name__)
 
 
 def rank_dir(rank: int) -> str:
@@ -181,22 +186,64 @@ def load_from(
     map_location: Any = None,
     mmap: bool = True,
     rank: int | None = None,
+    world_size: int | None = None,
 ) -> Any:
     """Load the committed native checkpoint rooted at ``checkpoint`` (see :func:`load`)."""
     from ckptkit.native import read_native
 
     manifest = read_manifest(checkpoint)
     per_rank = rank_files(checkpoint, manifest)
-    if per_rank is not None and rank is None:
+    options: dict[str, Any] = {"keys": keys, "map_location": map_location, "mmap": mmap}
+    if per_rank is None:
+        return read_native(native_files(checkpoint, manifest), **options)
+    if rank is None:
+        if world_size is not None:
+            raise ValueError("load: world_size= needs rank=, the rank of that world size to load as")
         rank, world_size = world()
-        if world_size != len(per_rank):
-            raise TopologyMismatchError(
-                f"{checkpoint.url}: saved by {len(per_rank)} ranks, each with its own state; this job "
-                f"has {world_size} rank(s). Load it at world size {len(per_rank)}, or read one rank's "
-                "state with rank=N (state that every rank shares: save it with replicated=True)"
-            )
-    files = native_files(checkpoint, manifest, rank)
-    return read_native(files, keys=keys, map_location=map_location, mmap=mmap)
+        who = f"this job has {world_size} rank(s)"
+    else:
+        who = f"world_size={world_size} was asked for"
+    if world_size is None or world_size == len(per_rank):
+        return read_native(native_files(checkpoint, manifest, rank), **options)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"load: there is no rank {rank} of world size {world_size}")
+    return _load_resharded(checkpoint, manifest, len(per_rank), (rank, world_size), who, options)
+
+
+def _load_resharded(
+    checkpoint: Store,
+    manifest: Manifest,
+    saved: int,
+    target: tuple[int, int],
+    who: str,
+    options: dict[str, Any],
+) -> Any:
+    """Rank ``target[0]`` of ``target[1]``'s part of a checkpoint saved per rank by ``saved``
+    ranks: possible where what differs per rank is FlatShards (``native/repartition.py``)."""
+    from ckptkit.native.repartition import plan_repartition
+    from ckptkit.native.repartition_reader import read_repartitioned
+
+    rank, world_size = target
+    stores = [native_files(checkpoint, manifest, r) for r in range(saved)]
+    try:
+        plan = plan_repartition(stores, rank, world_size)
+    except FormatError as exc:
+        exc.args = (f"{checkpoint.url}: cannot reshard on load: {exc}", *exc.args[1:])
+        raise
+    if plan is None:
+        raise TopologyMismatchError(
+            f"{checkpoint.url}: saved by {saved} ranks, each with its own state; {who}. Load it at "
+            f"world size {saved}, or read one rank's state with rank=N. To load at any world size, "
+            "save what is partitioned across ranks as ckptkit.FlatShard (it is resharded on load) "
+            "and state that every rank shares with replicated=True"
+        )
+    if rank == 0:
+        _log.warning(
+            "%s: saved by %d ranks, loaded by %d: resharding on load (each rank reads its slice of "
+            "every FlatShard, and rank 0's copy of the rest)",
+            checkpoint.url, saved, world_size,
+        )
+    return read_repartitioned(plan, **options)
 
 
 def load(
@@ -206,6 +253,7 @@ def load(
     map_location: Any = None,
     mmap: bool = True,
     rank: int | None = None,
+    world_size: int | None = None,
     **storage_options: Any,
 ) -> Any:
     """Load a checkpoint saved by :func:`save`.
@@ -215,9 +263,17 @@ def load(
     in ``torch.load``; on local disk tensors are memory-mapped unless ``mmap=False``.
 
     A checkpoint saved per rank is loaded by each rank of a job with the same world size, each
-    reading its own state; another world size raises
-    :class:`~ckptkit.distributed.TopologyMismatchError`. ``rank=N`` reads rank N's state
-    whatever the world size (offline tools, debugging). Not a collective: no rank waits.
+    reading its own state. At another world size it is resharded on load where the ranks' states
+    are one replica apart from :class:`~ckptkit.FlatShard` values (a partitioned optimizer
+    state): each rank gets rank 0's replica and its own slice of every FlatShard, by
+    :meth:`FlatShard.span <ckptkit.FlatShard.span>`, reading only the byte ranges it needs; rank
+    0 logs one warning saying so. A structure that differs between ranks, or FlatShards that do
+    not tile their tensor, raise :class:`~ckptkit.errors.FormatError`; per-rank state without
+    FlatShards raises :class:`~ckptkit.distributed.TopologyMismatchError`.
+
+    ``rank=N`` reads saved rank N's state whatever the job's world size (offline tools,
+    debugging); with ``world_size=M`` too, it reads what rank N of a job of M ranks would.
+    Not a collective: no rank waits.
     """
     store = open_store(url, **storage_options)
     if not store.exists(MANIFEST_NAME):
@@ -225,5 +281,7 @@ def load(
         if latest is None:
             raise NotCommittedError(f"{store.url}: no committed checkpoint here or below")
         store = store.child(latest.name)
-    return load_from(store, keys=keys, map_location=map_location, mmap=mmap, rank=rank)
+    return load_from(
+        store, keys=keys, map_location=map_location, mmap=mmap, rank=rank, world_size=world_size
+    )
 

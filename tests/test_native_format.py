@@ -617,7 +617,7 @@ def test_duplicate_header_keys_are_refused(store: Store) -> None:
         (lambda doc: doc["tensors"][0].update(dtype="float99"), "unknown torch dtype 'float99'"),
         (lambda doc: doc["tree"].update(w={"t": "tensor", "i": 9}), "reference to tensor 9"),
         (lambda doc: doc["tree"].update(w={"t": "pickle"}), "unknown node type 'pickle'"),
-        (lambda doc: doc.update(version=2), "format version 2"),
+        (lambda doc: doc.update(version=3), "format version 3"),
     ],
 )
 def test_inconsistent_tree_json_raises_format_error(store: Store, edit: Any, message: str) -> None:

@@ -89,9 +89,9 @@ def test_numpy_rng_fingerprint_is_that_of_the_pickled_state(tmp_path: Path) -> N
 
 def test_a_future_format_version_is_refused_by_inspect_too(tmp_path: Path) -> None:
     directory = _saved(tmp_path, {"n": 1})
-    _edit_tree(directory, lambda d: d.update(version=2))
+    _edit_tree(directory, lambda d: d.update(version=3))
     for read in (_inspected, ckptkit.load):
-        with pytest.raises(FormatError, match="format version 2"):
+        with pytest.raises(FormatError, match="format version 3"):
             read(directory)
 
 

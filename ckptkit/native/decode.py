@@ -24,6 +24,7 @@ from ckptkit.formats.dtypes import torch_itemsize
 from ckptkit.native.document import EntryRef, TensorRecord, entry_ref, is_dims, tensor_record
 from ckptkit.native.files import TREE_FILE
 from ckptkit.native.nodes import TAG, Json
+from ckptkit.native.partition import FlatShard
 
 _PAIRS: dict[str, type] = {"dict": dict, "odict": OrderedDict, "counter": Counter}
 _SEQUENCES: dict[str, type] = {"tuple": tuple, "set": set, "frozenset": frozenset}
@@ -42,6 +43,20 @@ class ArrayNode:
     fortran: bool
     data: bytes | None  # the bytes, in ``fortran`` order; None when they are in ``entry``
     entry: EntryRef | None
+
+
+@dataclass(frozen=True)
+class FlatShardNode:
+    """A ``flatshard`` node, checked: its local tensor's record (1-D, contiguous) and which flat
+    elements of which logical shape it holds."""
+
+    record: TensorRecord
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.record.shape[0]
 
 
 class Leaves(Protocol):
@@ -94,9 +109,17 @@ class TreeDecoder:
             return _SEQUENCES[tag](self.decode(item) for item in _expect(value, list, tag))
         if tag == "tensor":
             return self._tensor(_expect(node.get("i"), int, tag))
+        if tag == "flatshard":
+            return self.flat_shard(node)
         if tag in ("ndarray", "npscalar"):
             return self._numpy(tag, node)
         return _scalar(tag, node, self._leaves)
+
+    def flat_shard(self, node: dict[str, Any]) -> Any:
+        """The value of the ``flatshard`` node ``node``: the slice as saved. A decoder that
+        reshards on load gives the loading rank its new slice instead."""
+        checked = flat_shard_node(self._document, node)
+        return FlatShard(self._tensor(checked.record.index), shape=checked.shape, offset=checked.offset)
 
     def _tensor(self, index: int) -> Any:
         if index not in self._tensors:
@@ -136,6 +159,8 @@ def _scalar(tag: str, node: dict[str, Any], leaves: Leaves) -> Any:
         return leaves.dtype(value)
     if tag == "device":
         return leaves.device(_expect(value, str, tag))
+    # Every node type a version adds comes with that version number, which load_document
+    # checks first: an unknown type here is damage, not a newer format.
     raise FormatError(f"{TREE_FILE}: unknown node type {tag!r}")
 
 
@@ -153,6 +178,25 @@ def _float(node: Json) -> float:
         # NaNs carry a sign and payload, which the writer keeps bit for bit.
         return struct.unpack("<d", struct.pack("<Q", int(text[4:], 16)))[0]
     raise FormatError(f"{TREE_FILE}: bad float {text!r}")
+
+
+def flat_shard_node(document: dict[str, Any], node: dict[str, Any]) -> FlatShardNode:
+    """A ``flatshard`` node checked: a 1-D contiguous tensor inside its logical shape."""
+    record = tensor_record(document, _expect(node.get("i"), int, "flatshard"))
+    shape, offset = node.get("shape"), node.get("offset")
+    if not is_dims(shape) or type(offset) is not int or offset < 0:
+        raise FormatError(f"{TREE_FILE}: 'flatshard' node: malformed shape {shape!r} or offset {offset!r}")
+    if len(record.shape) != 1 or (record.shape[0] > 1 and record.stride != (1,)):
+        raise FormatError(
+            f"{TREE_FILE}: 'flatshard' node: tensor {record.index} is {list(record.shape)} stride "
+            f"{list(record.stride)}, not a contiguous 1-D slice"
+        )
+    if offset + record.shape[0] > math.prod(shape):
+        raise FormatError(
+            f"{TREE_FILE}: 'flatshard' node: elements [{offset}, {offset + record.shape[0]}) lie "
+            f"outside its shape {shape} ({math.prod(shape)} elements)"
+        )
+    return FlatShardNode(record, tuple(shape), offset)
 
 
 def array_node(document: dict[str, Any], node: dict[str, Any]) -> ArrayNode:

@@ -22,7 +22,12 @@ from ckptkit.nesting import TREE_JSON_DEPTH, NestingError, check_tree_depth, loa
 from ckptkit.storage.base import Store
 
 FORMAT_NAME = "ckptkit.native"
-FORMAT_VERSION = 1
+# A tree.json carries the lowest version that can read it, so that what older readers can read
+# stays readable by them: 1, or 2 once the tree holds a ``flatshard`` node. A reader refuses a
+# version above its own before it decodes anything.
+FORMAT_VERSION = 2
+PLAIN_VERSION = 1
+FLAT_SHARD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ def load_document(store: Store) -> dict[str, Any]:
     version = document.get("version")
     if type(version) is not int or version > FORMAT_VERSION:
         raise FormatError(
-            f"{TREE_FILE}: format version {version!r}; this ckptkit reads up to {FORMAT_VERSION}"
+            f"{TREE_FILE}: format version {version!r}; this ckptkit reads up to {FORMAT_VERSION} "
+            "(a newer ckptkit wrote it: upgrade ckptkit to read it)"
         )
     for field, kind in (("shards", list), ("entries", dict), ("tensors", list)):
         if not isinstance(document.get(field), kind):

@@ -19,7 +19,7 @@ from ckptkit.native.plan import element_extent
 from ckptkit.native.safetensors_io import ShardReader
 from ckptkit.storage.base import Store
 
-__all__ = ["MissingKeyError", "load_document", "read_native", "select_keys"]
+__all__ = ["MissingKeyError", "TorchLeaves", "load_document", "read_native", "select_keys"]
 
 MapLocation = (
     None | str | torch.device | dict[str, str | torch.device] | Callable[[torch.Tensor, str], torch.Tensor]
@@ -51,7 +51,7 @@ def read_native(
     document = load_document(store)
     tree = document["tree"] if keys is None else select_keys(document, keys)
     with ExitStack() as stack:
-        leaves = _TorchLeaves(ShardReader(store, mmap=mmap, stack=stack), map_location)
+        leaves = TorchLeaves(ShardReader(store, mmap=mmap, stack=stack), map_location)
         return TreeDecoder(document, leaves).decode(tree)
 
 
@@ -89,7 +89,7 @@ class _KeyLeaves:
     tensor = size = dtype = device = array = scalar = _refuse
 
 
-class _TorchLeaves:
+class TorchLeaves:
     """Builds the torch and numpy leaves: each record a tensor on first use, and tensors over one
     entry views of one storage."""
 
@@ -105,6 +105,14 @@ class _TorchLeaves:
             tensor = torch.empty_strided(record.shape, record.stride, dtype=dtype, device=device)
         else:
             tensor = self._view(record, record.entry, dtype, device)
+        return self._finish(tensor, record)
+
+    def place(self, tensor: torch.Tensor, like: TensorRecord) -> torch.Tensor:
+        """A CPU ``tensor`` built elsewhere (a resharded slice) made what ``like``'s tensor would
+        be: on its device after ``map_location``, a Parameter or requiring grad as it was."""
+        return self._finish(tensor.to(self._target_device(like.device)), like)
+
+    def _finish(self, tensor: torch.Tensor, record: TensorRecord) -> torch.Tensor:
         if callable(self._map_location):
             tensor = self._map_location(tensor, record.device)
         if record.parameter:

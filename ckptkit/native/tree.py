@@ -19,6 +19,10 @@ Everything else is a tagged object ``{"t": <tag>, ...}``:
 ``size``                   ``{"v": [ints]}`` (``torch.Size``)
 ``dtype``, ``device``      ``{"v": "float32"}``, ``{"v": "cuda:0"}``
 ``ndarray``, ``npscalar``  see :mod:`ckptkit.native.numpy_values`
+``flatshard``              ``{"i": tensor index, "shape": [ints], "offset": int}``: a
+                           :class:`~ckptkit.native.partition.FlatShard`, whose 1-D
+                           contiguous tensor holds flat elements ``[offset, ...)`` of a
+                           tensor of ``shape`` (format version 2)
 =========================  ==========================================================
 
 Types are matched exactly (a ``dict`` subclass is not a ``dict``), because the round trip must
@@ -41,6 +45,7 @@ import torch
 from ckptkit.errors import UnstorableValueError
 from ckptkit.native.dtypes import torch_name
 from ckptkit.native.nodes import TAG, Json, TreePath, describe_type, format_path
+from ckptkit.native.partition import FlatShard
 from ckptkit.nesting import MAX_TREE_DEPTH
 
 # Ints beyond this magnitude lose precision in JSON readers that use doubles (JavaScript, jq).
@@ -82,6 +87,7 @@ class TreeEncoder:
         self.tensor_paths: list[TreePath] = []
         self.blobs: list[tuple[Any, TreePath, dict[str, Any]]] = []
         self._tensor_index: dict[int, int] = {}
+        self.flat_shards = 0  # how many FlatShard nodes: a tree with any needs format version 2
         self._open: set[int] = set()  # containers on the current path; meeting one is a cycle
 
     def encode(self, value: Any, path: TreePath = ()) -> Json:
@@ -101,6 +107,8 @@ class TreeEncoder:
                 return self._container(value, path)
         if kind in (torch.Tensor, torch.nn.Parameter):
             return {TAG: "tensor", "i": self._tensor(value, path)}
+        if kind is FlatShard:
+            return self._flat_shard(value, path)
         if kind is torch.Size:
             return {TAG: "size", "v": list(value)}
         if kind is torch.dtype:
@@ -146,6 +154,20 @@ class TreeEncoder:
             return {key: self.encode(item, (*path, key)) for key, item in value.items()}
         pairs = [[self.encode(key), self.encode(item, (*path, key))] for key, item in value.items()]
         return {TAG: _PAIR_CONTAINERS[kind], "v": pairs}
+
+    def _flat_shard(self, shard: FlatShard, path: TreePath) -> Json:
+        tensor = shard.tensor
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise UnstorableValueError(
+                format_path(path), f"a FlatShard of {describe_type(type(tensor))}: it must hold a tensor"
+            )
+        if tensor.numel() > 1 and tensor.stride() != (1,):
+            # A loader at another world size reads byte ranges of the slice: store its elements
+            # contiguous, not as the strided view lies in memory.
+            tensor = tensor.contiguous()
+        self.flat_shards += 1
+        index = self._tensor(tensor, path)
+        return {TAG: "flatshard", "i": index, "shape": list(shard.shape), "offset": shard.offset}
 
     def _tensor(self, tensor: torch.Tensor, path: TreePath) -> int:
         index = self._tensor_index.get(id(tensor))

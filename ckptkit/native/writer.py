@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckptkit.native import jsonfmt
-from ckptkit.native.document import FORMAT_NAME, FORMAT_VERSION
+from ckptkit.native.document import FLAT_SHARD_VERSION, FORMAT_NAME, PLAIN_VERSION
 from ckptkit.native.files import TREE_FILE
 from ckptkit.native.plan import Entry, assign_shards, plan_entries, shard_name
 from ckptkit.native.safetensors_io import shard_chunks
@@ -54,7 +54,7 @@ def write_native(
         _write_shards(sink, list(zip(paths, shards, strict=True)), jobs)
     document = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": FLAT_SHARD_VERSION if encoder.flat_shards else PLAIN_VERSION,
         "shards": paths,
         "entries": {
             entry.name: {"shard": index, "dtype": entry.dtype, "shape": list(entry.shape)}
