@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "save": "ckptkit.api",
     "load": "ckptkit.api",
+    "SaveHandle": "ckptkit.async_save",
     "CheckpointManager": "ckptkit.manager",
     "CheckpointInfo": "ckptkit.catalog",
     "latest_checkpoint": "ckptkit.catalog",
@@ -59,6 +60,7 @@ __all__ = [
     "ReshardResult",
     "RetentionPolicy",
     "RetryPolicy",
+    "SaveHandle",
     "Store",
     "SyncReport",
     "TopologyMismatchError",
@@ -99,6 +101,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ckptkit.api import load, save
+    from ckptkit.async_save import SaveHandle
     from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest
     from ckptkit.distributed import DistributedCommitError, TopologyMismatchError
     from ckptkit.errors import CkptkitError

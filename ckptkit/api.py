@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from ckptkit.catalog import latest_checkpoint, read_manifest
 from ckptkit.commit import CheckpointTransaction, logical_path
@@ -34,6 +35,10 @@ from ckptkit.errors import FormatError, NotCommittedError
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptkit.native.files import native_files, rank_files
 from ckptkit.storage import Store, open_store, split_parent
+
+if TYPE_CHECKING:
+    from ckptkit.async_save import BackgroundSaver, SaveHandle
+    from ckptkit.native.writer import FileSink
 
 DEFAULT_MAX_SHARD_SIZE = 1 << 30
 
@@ -67,37 +72,118 @@ def save_to(
     """
     from ckptkit.native import write_native
 
-    if collective and world()[1] > 1:
-        return _save_ranks(
-            root, name, state, replicated=replicated, timeout_s=timeout_s, digest=digest,
-            write_options={"max_shard_size": max_shard_size, "jobs": jobs},
-            manifest_options={"step": step, "metadata": metadata, "metrics": metrics},
-        )
-    with CheckpointTransaction(root, name, digest=digest) as txn:
-        write_native(state, txn, max_shard_size=max_shard_size, jobs=jobs)
-        return txn.commit(step=step, layout="native", metadata=metadata, metrics=metrics)
+    write = partial(write_native, state, max_shard_size=max_shard_size, jobs=jobs)
+    return _commit_native(
+        root, name, write, replicated=replicated, digest=digest,
+        group=_commit_group(root, name, timeout_s) if collective and world()[1] > 1 else None,
+        manifest_options={"step": step, "metadata": metadata, "metrics": metrics},
+    )
 
 
-def _save_ranks(
+def start_save_to(
+    saver: BackgroundSaver,
     root: Store,
     name: str,
     state: Any,
     *,
-    replicated: bool,
-    timeout_s: float,
-    digest: str | None,
-    write_options: dict[str, Any],
-    manifest_options: dict[str, Any],
-) -> Manifest:
-    """The collective save: each rank writes its part, rank 0 commits all (see :func:`save`)."""
-    from ckptkit.native import write_native
+    step: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    jobs: int = 4,
+    replicated: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    collective: bool = True,
+    digest: str | None = None,
+    then: Callable[[Manifest], None] | None = None,
+) -> SaveHandle:
+    """:func:`save_to` without blocking: wait for ``saver``'s save in flight, stage ``state``
+    into host memory, and write and commit it in ``saver``'s thread (:mod:`ckptkit.async_save`).
+    ``then`` runs there after the commit (a manager's mirror and retention)."""
+    from ckptkit.native.writer import check_write_options, plan_native, write_planned
 
+    saver.wait()  # back-pressure: one save in flight; and a failure of the last is raised here
+    check_write_options(max_shard_size, jobs)
+    # The commit group is made here, in the caller's thread, where every rank makes its calls
+    # in the same order; the background thread then talks only on it, never on the training
+    # group, so its collectives cannot interleave with the training loop's.
+    group = _commit_group(root, name, timeout_s) if collective and world()[1] > 1 else None
+    write: Callable[[FileSink], object]
     try:
-        group = CommitGroup(timeout_s)
+        if group is not None and replicated and group.rank != 0:
+            write = _write_nothing  # rank 0 alone writes a replicated state
+        else:
+            staged = saver.stager.stage(plan_native(state))
+            write = partial(write_planned, staged, max_shard_size=max_shard_size, jobs=jobs)
+    except Exception as exc:
+        if group is None:
+            raise
+        # The other ranks are committing in the background: they learn of it at the gather.
+        write = partial(_raise, exc)
+
+    def job() -> Manifest:
+        manifest = _commit_native(
+            root, name, write, replicated=replicated, digest=digest,
+            group=group, manifest_options={"step": step, "metadata": metadata, "metrics": metrics},
+        )
+        if then is not None:
+            then(manifest)
+        return manifest
+
+    return saver.submit(f"{root.url}/{name}", step, job)
+
+
+def _write_nothing(sink: FileSink) -> None:
+    return None
+
+
+def _raise(exc: Exception, sink: FileSink) -> None:
+    raise exc
+
+
+def _commit_group(root: Store, name: str, timeout_s: float) -> CommitGroup:
+    try:
+        return CommitGroup(timeout_s)
     except DistributedCommitError as exc:
         raise DistributedCommitError(
             f"{root.url}/{name}: {exc}; to save from this rank alone, pass collective=False"
         ) from exc
+
+
+def _commit_native(
+    root: Store,
+    name: str,
+    write: Callable[[FileSink], object],
+    *,
+    replicated: bool,
+    digest: str | None,
+    group: CommitGroup | None,
+    manifest_options: dict[str, Any],
+) -> Manifest:
+    """Run ``write`` into a new checkpoint and commit it: alone, or with every rank of ``group``."""
+    if group is not None:
+        return _save_ranks(
+            group, root, name, write, replicated=replicated, digest=digest,
+            manifest_options=manifest_options,
+        )
+    with CheckpointTransaction(root, name, digest=digest) as txn:
+        write(txn)
+        return txn.commit(layout="native", **manifest_options)
+
+
+def _save_ranks(
+    group: CommitGroup,
+    root: Store,
+    name: str,
+    write: Callable[[FileSink], object],
+    *,
+    replicated: bool,
+    digest: str | None,
+    manifest_options: dict[str, Any],
+) -> Manifest:
+    """The collective save: each rank writes its part, rank 0 commits all (see :func:`save`).
+    Closes ``group``: in the background thread of a non-blocking save, where destroying it
+    touches only that group, which no other thread uses."""
     try:
         attempt = open_shared_attempt(group, root, name, digest=digest)
         sink = attempt.sink("" if replicated else rank_dir(group.rank))
@@ -105,7 +191,7 @@ def _save_ranks(
         outcome: list[FileEntry] | str
         try:
             if group.rank == 0 or not replicated:
-                write_native(state, sink, **write_options)
+                write(sink)
             outcome = sink.entries
         except Exception as exc:  # reported to every rank at the gather instead of a timeout
             failure, outcome = exc, f"{type(exc).__name__}: {exc}"
@@ -151,8 +237,9 @@ def save(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     collective: bool = True,
     digest: str | None = None,
+    blocking: bool = True,
     **storage_options: Any,
-) -> Manifest:
+) -> Manifest | SaveHandle:
     """Save ``state`` (a nested tree of tensors, containers and scalars) as a checkpoint at ``url``.
 
     The checkpoint is visible only once complete: a crash at any moment leaves either nothing or
@@ -170,13 +257,28 @@ def save(
     ``digest`` is how file contents are hashed into the manifest: ``"blake3"`` (the default) or
     ``"sha256"`` where a policy requires it; None takes the ``CKPTKIT_DIGEST`` environment
     variable, then BLAKE3. Either verifies the same way; an unknown name is a ValueError.
+
+    ``blocking=False`` returns a :class:`~ckptkit.SaveHandle` as soon as the state's tensors are
+    copied into a host buffer (an unstorable value is still raised here); from then on they may
+    change. Hashing, writing and the commit run in a background thread at lower CPU priority;
+    ``handle.wait()`` returns the manifest or raises the failure. The process keeps one such
+    save in flight: the next non-blocking call waits for it first, and raises its failure if
+    nobody has waited for it (:mod:`ckptkit.async_save`). Memory: one extra copy of the state's
+    tensor bytes, kept and reused by the next save. Under ``torch.distributed`` it is collective
+    as above: each rank stages its state, and its background thread commits on ckptkit's own
+    gloo group, never the training group.
     """
     parent, name = split_parent(url)
-    return save_to(
-        open_store(parent, **storage_options), name, state,
-        step=step, metadata=metadata, max_shard_size=max_shard_size, jobs=jobs,
-        replicated=replicated, timeout_s=timeout_s, collective=collective, digest=digest,
-    )
+    store = open_store(parent, **storage_options)
+    options: dict[str, Any] = {
+        "step": step, "metadata": metadata, "max_shard_size": max_shard_size, "jobs": jobs,
+        "replicated": replicated, "timeout_s": timeout_s, "collective": collective, "digest": digest,
+    }
+    if blocking:
+        return save_to(store, name, state, **options)
+    from ckptkit.async_save import process_saver
+
+    return start_save_to(process_saver(), store, name, state, **options)
 
 
 def load_from(

@@ -7,8 +7,9 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptkit.api import DEFAULT_MAX_SHARD_SIZE, load_from, save_to
-from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints
+from ckptkit.api import DEFAULT_MAX_SHARD_SIZE, load_from, save_to, start_save_to
+from ckptkit.async_save import BackgroundSaver, SaveHandle
+from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest
 from ckptkit.commit import delete_checkpoint, step_dir_name
 from ckptkit.distributed import DEFAULT_TIMEOUT_S, world
 from ckptkit.errors import IncompleteListingError, NotCommittedError
@@ -40,6 +41,12 @@ class CheckpointManager:
     uploads an earlier process left unfinished finishes them in the background, and deletes at
     the mirror what retention deleted here if that process died before it could
     (:func:`~ckptkit.mirror.stale_at_target`).
+
+    ``save(..., blocking=False)`` returns once the state is copied to host memory and commits
+    it in a background thread (then mirrors it and applies retention, there). One save is in
+    flight at a time: the next ``save`` waits for it. A background failure is raised by
+    ``handle.wait()`` and by the next ``save``, ``wait``, ``close``, ``restore``, ``list`` or
+    ``latest`` (once). ``close()`` waits for it. Use a manager from one thread.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class CheckpointManager:
         self.timeout_s = timeout_s
         # As for ckptkit.save: "blake3" or "sha256"; None defers to CKPTKIT_DIGEST at each save.
         self.digest = None if digest is None else choose_algorithm(digest)
+        self._saver = BackgroundSaver(f"ckptkit-save {self.root.url}")
         self.mirror: Mirror | None = None
         # Under torch.distributed every rank saves its shard and gets the same manifest back;
         # rank 0 alone deletes and uploads (see _is_leader).
@@ -90,26 +98,45 @@ class CheckpointManager:
         metrics: dict[str, float] | None = None,
         metadata: dict[str, Any] | None = None,
         replicated: bool = False,
-    ) -> CheckpointInfo:
+        blocking: bool = True,
+    ) -> CheckpointInfo | SaveHandle:
         """Commit ``state`` as checkpoint ``step``, then mirror it and apply retention.
 
         Under ``torch.distributed`` this is collective: every rank passes its own state (or the
         same one with ``replicated=True``, which rank 0 alone writes).
+
+        ``blocking=False`` returns a :class:`~ckptkit.SaveHandle` once ``state``'s tensors are
+        copied to a reused host buffer (it may change from then on); the commit, mirror and
+        retention follow in a background thread (see the class doc). Either way it first waits
+        for a save still in flight and raises its failure if nobody has been told of it.
         """
+        self._saver.wait()
         name = step_dir_name(step)
-        manifest = save_to(
-            self.root, name, state, step=step, metadata=metadata, metrics=metrics,
-            max_shard_size=self.max_shard_size, jobs=self.jobs, replicated=replicated,
-            timeout_s=self.timeout_s, digest=self.digest,
-        )
-        if self._is_leader():
-            if self.mirror is not None:
-                self.mirror.submit(name)
-            self._apply_retention()
+        options: dict[str, Any] = {
+            "step": step, "metadata": metadata, "metrics": metrics,
+            "max_shard_size": self.max_shard_size, "jobs": self.jobs, "replicated": replicated,
+            "timeout_s": self.timeout_s, "digest": self.digest,
+        }
+        if not blocking:
+            return start_save_to(
+                self._saver, self.root, name, state, then=lambda _: self._after_commit(name), **options
+            )
+        manifest = save_to(self.root, name, state, **options)
+        self._after_commit(name)
         return CheckpointInfo(
             self.root.url, name, "committed", step, len(manifest.files), manifest.total_size,
             manifest.created, manifest,
         )
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any; raise its failure if nobody has been told of it."""
+        self._saver.wait()
+
+    def _after_commit(self, name: str) -> None:
+        if self._is_leader():
+            if self.mirror is not None:
+                self.mirror.submit(name)
+            self._apply_retention()
 
     def _is_leader(self) -> bool:
         """Rank 0, asked at each save: a manager made before ``init_process_group`` saw rank 0
@@ -141,14 +168,17 @@ class CheckpointManager:
 
     def mirror_status(self) -> MirrorStatus | None:
         """What the background mirror has uploaded, has pending and failed; None without one."""
+        self._saver.raise_failure()
         return self.mirror.status() if self.mirror is not None else None
 
     def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first."""
+        """Committed checkpoints, oldest first (a save in flight is not one yet)."""
+        self._saver.raise_failure()
         return [c for c in list_checkpoints(self.root) if c.committed]
 
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint, or None."""
+        self._saver.raise_failure()
         return latest_checkpoint(self.root)
 
     def restore(
@@ -159,7 +189,9 @@ class CheckpointManager:
         map_location: Any = None,
         mmap: bool = True,
     ) -> Any:
-        """Load checkpoint ``step`` (the latest committed one by default)."""
+        """Load checkpoint ``step`` (the latest committed one by default; a save in flight is
+        not committed yet: ``wait()`` first to restore it)."""
+        self._saver.raise_failure()
         if step is None:
             info = self.latest()
             if info is None:
@@ -169,14 +201,103 @@ class CheckpointManager:
             name = step_dir_name(step)
         return load_from(self.root.child(name), keys=keys, map_location=map_location, mmap=mmap)
 
-    def close(self) -> None:
-        """Finish mirror uploads (raising :class:`~ckptkit.mirror.MirrorError` if some failed),
-        apply the retention they postponed, and release the stores."""
+    # --- DCP checkpoints: torch.distributed.checkpoint, stored and committed by ckptkit -----------
+
+    def save_dcp(
+        self,
+        step: int,
+        state_dict: dict[str, Any],
+        *,
+        metrics: dict[str, float] | None = None,
+        metadata: dict[str, Any] | None = None,
+        planner: Any = None,
+        process_group: Any = None,
+    ) -> CheckpointInfo:
+        """Commit ``state_dict`` as DCP checkpoint ``step`` with ``dcp.save`` through
+        :class:`~ckptkit.integrations.dcp.CkptkitWriter`, then mirror it and apply retention
+        as :meth:`save` does; DCP and native checkpoints share the root, its retention and
+        ``latest``. Under ``torch.distributed`` it is collective, as ``dcp.save`` is: every rank
+        passes its own (sharded) state dict. Blocking; :meth:`restore_dcp` loads it back.
+        """
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        from ckptkit.integrations.dcp import CkptkitWriter
+
+        self._saver.wait()
+        name = step_dir_name(step)
+        writer = CkptkitWriter.under(
+            self.root, name, digest=self.digest, step=step, metadata=metadata, metrics=metrics
+        )
         try:
-            if self.mirror is not None:
-                self.mirror.wait()
-                self._apply_retention()
-                self.mirror.close()
+            dcp.save(
+                state_dict, storage_writer=writer, planner=planner, process_group=process_group,
+                no_dist=not (dist.is_available() and dist.is_initialized()),
+            )
+        except BaseException:
+            writer.abort()  # on the coordinator: what this save staged goes now, not at gc
+            raise
+        info = self._committed(name)
+        self._after_commit(name)
+        return info
+
+    def restore_dcp(
+        self,
+        state_dict: dict[str, Any],
+        step: int | None = None,
+        *,
+        planner: Any = None,
+        process_group: Any = None,
+    ) -> CheckpointInfo:
+        """Load DCP checkpoint ``step`` (the newest committed checkpoint by default) into
+        ``state_dict`` in place with ``dcp.load`` through
+        :class:`~ckptkit.integrations.dcp.CkptkitReader`, every byte checked against the
+        manifest; returns which checkpoint it was. Resharding is DCP's: a state saved on N
+        ranks loads on M. Collective under ``torch.distributed``, as ``dcp.load`` is.
+        """
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        from ckptkit.integrations.dcp import CkptkitReader
+
+        self._saver.raise_failure()
+        if step is None:
+            latest = self.latest()
+            if latest is None:
+                raise NotCommittedError(f"{self.root.url}: no committed checkpoint to restore")
+            name = latest.name
+        else:
+            name = step_dir_name(step)
+        info = self._committed(name)
+        reader = CkptkitReader(self.root.child(name))
+        # Read here first: dcp.load would turn an unsafe or corrupt .metadata into an
+        # AssertionError that only quotes ckptkit's error; the reader keeps what it read.
+        reader.read_metadata()
+        dcp.load(
+            state_dict, storage_reader=reader, planner=planner,
+            process_group=process_group, no_dist=not (dist.is_available() and dist.is_initialized()),
+        )
+        return info
+
+    def _committed(self, name: str) -> CheckpointInfo:
+        manifest = read_manifest(self.root.child(name))  # NotCommittedError where there is none
+        return CheckpointInfo(
+            self.root.url, name, "committed", manifest.step, len(manifest.files), manifest.total_size,
+            manifest.created, manifest,
+        )
+
+    def close(self) -> None:
+        """Wait for a save in flight (raising its failure), finish mirror uploads (raising
+        :class:`~ckptkit.mirror.MirrorError` if some failed), apply the retention they
+        postponed, and release the stores."""
+        try:
+            try:
+                self._saver.close()
+            finally:
+                if self.mirror is not None:
+                    self.mirror.wait()
+                    self._apply_retention()
+                    self.mirror.close()
         finally:
             self.root.close()
 

@@ -43,6 +43,8 @@ class Scenario:
     kill_tag: str | None = None  # SIGKILL kill_rank inside the save of this tag, after writing its file
     kill_rank: int = 1
     zero_stage: int = 2
+    blocking: bool = True  # False: save_checkpoint(blocking=False); kill_tag then kills in the background
+    background_delay_s: float = 0.0  # non-blocking: each background save first sleeps this long
 
 
 def _ds_config(stage: int = 2) -> dict[str, Any]:
@@ -159,7 +161,9 @@ def _train(rank: int, scenario: Scenario, result: dict[str, Any]) -> None:
     )
     checkpoint_engine = use_ckptkit(engine, scenario.root, timeout_s=COMMIT_TIMEOUT_S)
 
-    if scenario.kill_tag is not None and rank == scenario.kill_rank:
+    if not scenario.blocking:
+        _slow_and_kill_in_background(checkpoint_engine, rank, scenario)
+    elif scenario.kill_tag is not None and rank == scenario.kill_rank:
         plain_save = checkpoint_engine.save
 
         def save_then_die(state_dict: Any, path: str) -> None:
@@ -183,12 +187,35 @@ def _train(rank: int, scenario: Scenario, result: dict[str, Any]) -> None:
         engine.step()
         if engine.global_steps in scenario.save_at:
             tag = f"global_step{engine.global_steps}"
-            save_checkpoint(engine, tag=tag, client_state={"my_step": engine.global_steps})
+            saved = save_checkpoint(
+                engine, tag=tag, client_state={"my_step": engine.global_steps}, blocking=scenario.blocking
+            )
             result["saved"].append(tag)
+            if not scenario.blocking:
+                result.setdefault("done_at_return", []).append(saved.done())
 
+    checkpoint_engine.wait()  # a background save's failure is raised here (DistributedCommitError)
+    result["committed"] = checkpoint_engine.last_committed
     torch.save(_final_state(engine), Path(scenario.out) / f"final_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _slow_and_kill_in_background(checkpoint_engine: Any, rank: int, scenario: Scenario) -> None:
+    """Hook the background half of a non-blocking save: sleep ``background_delay_s`` first (so
+    training mutates its tensors while the save is in flight), and SIGKILL ``kill_rank`` once it
+    wrote its files of ``kill_tag``, before the commit."""
+    import time
+
+    plain_write = checkpoint_engine._write_staged
+
+    def write(attempt: Any) -> None:
+        time.sleep(scenario.background_delay_s)
+        plain_write(attempt)
+        if attempt.tag == scenario.kill_tag and rank == scenario.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint_engine._write_staged = write
 
 
 def _final_state(engine: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 One test runs the crash story end to end, because each DeepSpeed run costs seconds: a run whose
 rank 1 is SIGKILLed inside the save of global_step5 (after writing its file), a restart that
 resumes from the last committed tag, and an uninterrupted reference run it must match exactly.
+Another runs the same story with non-blocking saves, rank 1 killed in the background.
 """
 
 from __future__ import annotations
@@ -122,3 +123,50 @@ def test_resolve_tag_never_trusts_latest(tmp_path: Path) -> None:
     assert resolve_tag(root) == "global_step1"  # a committed target of `latest` is honoured
     with pytest.raises(NotCommittedError):
         resolve_tag(root, "global_step3")
+
+
+@pytest.mark.slow  # three 2-rank DeepSpeed runs, one SIGKILLed inside a background save
+def test_non_blocking_saves_snapshot_their_step_and_a_killed_one_commits_nothing(
+    deepspeed_parent: None, tmp_path: Path
+) -> None:
+    import torch
+
+    root_url = str(tmp_path / "ckpt")
+    killed, resumed, reference = (tmp_path / name for name in ("killed", "resumed", "reference"))
+    for out in (killed, resumed, reference):
+        out.mkdir()
+
+    # 1. Non-blocking saves at steps 3 and 5, each sleeping 1 s in the background before it writes:
+    #    steps 4 and 5 update the weights and moments in place while global_step3 is in flight.
+    #    Rank 1 is SIGKILLed in the background after writing its files of global_step5.
+    codes = worker.run(
+        worker.Scenario(
+            root_url, str(killed), total_steps=5, save_at=[3, 5], kill_tag="global_step5",
+            blocking=False, background_delay_s=1.0,
+        )
+    )
+    assert codes == [worker.EXIT_COMMIT_ERROR, -9]
+    survivor = _result(killed, 0)
+    assert survivor["saved"] == ["global_step3", "global_step5"]
+    assert survivor["done_at_return"] == [False, False]  # both returned before their commit
+    # The background failure reached the caller, at engine.wait() after the loop.
+    assert "global_step5: not committed" in survivor["commit_error"]
+
+    root = open_store(root_url)
+    assert {c.name for c in list_checkpoints(root) if c.committed} == {"global_step3"}
+    assert root.get("latest") == b"global_step3"
+    manifest = read_manifest(root.child("global_step3"))
+    assert manifest.step == 3  # taken when the save began, not when the background committed
+    assert manifest.topology == {"world_size": 2, "dp_world_size": 2, "mp_world_size": 1, "zero_stage": 2}
+    assert verify_checkpoint(root.child("global_step3")).status == "ok"
+    assert verify_checkpoint(root.child("global_step5")).status == "not-committed"
+
+    # 2. global_step3 loads equal, bit for bit, to the state of a run that stopped at step 3.
+    assert worker.run(worker.Scenario(root_url, str(resumed), total_steps=3, resume=True)) == [0, 0]
+    assert worker.run(worker.Scenario(str(tmp_path / "unused"), str(reference), total_steps=3)) == [0, 0]
+    for rank in (0, 1):
+        assert _result(resumed, rank)["loaded"]["global_steps"] == 3
+        got = torch.load(resumed / f"final_rank{rank}.pt", weights_only=False)
+        want = torch.load(reference / f"final_rank{rank}.pt", weights_only=False)
+        assert got["global_steps"] == 3
+        _assert_same(got, want, f"rank{rank}")

@@ -424,3 +424,57 @@ def test_mirror_to_s3_ends_with_the_retained_checkpoints(tmp_path: Path, s3_buck
         assert manifest.checkpoint_id == local[name].checkpoint_id
         assert verify_checkpoint(open_store(remote).child(name)).ok
     assert callback.mirror is None  # closed at the end of training, with nothing failed
+
+
+# --- non-blocking commits ---------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a Trainer run whose commits each take 0.2 s more in the background
+def test_non_blocking_commits_run_behind_training_and_end_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commit sleeps 0.2 s in the background first, so it is still in flight when the next
+    callback looks; train() returns with every checkpoint committed and retention applied."""
+    from ckptkit.integrations import hf
+
+    commit = hf.commit_hf_checkpoint
+
+    def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.2)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "commit_hf_checkpoint", slow_commit)
+    out = tmp_path / "run"
+    seen = VerifyEachSave()
+    callback = CkptkitCallback(retention=RetentionPolicy(keep_last=2), blocking=False)
+    make_trainer(training_args(out, max_steps=4, save_steps=1), [callback, seen.callback]).train()
+
+    # Training went on before each commit: the callback after ours saw no manifest yet.
+    assert [seen.reports[step].status for step in (1, 2, 3, 4)] == ["not-committed"] * 4
+    # on_train_end waited for the last commit, and retention ran behind each one.
+    assert callback.last_handle is not None and callback.last_handle.done()
+    assert _dirs(out) == {"checkpoint-3", "checkpoint-4"}
+    for name in ("checkpoint-3", "checkpoint-4"):
+        manifest = read_manifest(open_store(out / name))
+        assert manifest.step == int(name.split("-")[1]) and manifest.metadata["producer"] == hf.PRODUCER
+        assert verify_checkpoint(open_store(out / name)).status == "ok"
+    assert latest_committed_checkpoint(out) == str(out / "checkpoint-4")
+
+
+def test_non_blocking_commit_failure_is_raised_at_the_next_save_and_at_train_end(tmp_path: Path) -> None:
+    from transformers import TrainerControl, TrainerState
+
+    from ckptkit.errors import NotFoundError
+
+    (tmp_path / "checkpoint-5").mkdir()  # the Trainer wrote nothing: the commit fails
+    args = training_args(tmp_path, max_steps=6, save_steps=1)
+    callback = CkptkitCallback(blocking=False)
+    callback.on_save(args, TrainerState(global_step=5, is_world_process_zero=True), TrainerControl())
+    with pytest.raises(NotFoundError, match="checkpoint-5: the Trainer wrote no files"):
+        callback.on_step_end(args, TrainerState(global_step=6), TrainerControl(should_save=True))
+
+    (tmp_path / "checkpoint-7").mkdir()
+    callback.on_save(args, TrainerState(global_step=7, is_world_process_zero=True), TrainerControl())
+    with pytest.raises(NotFoundError, match="checkpoint-7"):
+        callback.on_train_end(args, TrainerState(global_step=7), TrainerControl())
+    assert not [c for c in list_checkpoints(open_store(tmp_path)) if c.committed]

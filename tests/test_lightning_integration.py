@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ckptkit.catalog import list_checkpoints, read_manifest
 from ckptkit.commit import CheckpointTransaction
-from ckptkit.errors import ChecksumMismatchError, NotCommittedError, UnstorableValueError
+from ckptkit.errors import ChecksumMismatchError, NotCommittedError, NotFoundError, UnstorableValueError
 from ckptkit.integrations.lightning import (
     EXTRA_FILE,
     CkptkitCheckpointIO,
@@ -314,3 +314,115 @@ def test_saving_a_name_again_replaces_it_and_remove_is_idempotent(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(TypeError, match="storage_options"):
         io.save_checkpoint({"global_step": 3}, path, storage_options={"fsync": False})
+
+
+# --- non-blocking saves -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_background(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Each non-blocking save sleeps this long in the background before it writes, so training
+    (and the test) runs on while it is in flight."""
+    import time
+
+    from ckptkit.integrations import lightning
+
+    delay = 0.2
+    prepare = lightning.prepare_lightning_save
+
+    def prepare_slow(*args: Any, **kwargs: Any) -> Any:
+        job = prepare(*args, **kwargs)
+
+        def slow_job() -> Any:
+            time.sleep(delay)
+            return job()
+
+        return slow_job
+
+    monkeypatch.setattr(lightning, "prepare_lightning_save", prepare_slow)
+    return delay
+
+
+class SnapshotAtSave(pl.Callback):
+    """The weights and optimizer state as they are when Lightning hands a checkpoint to the IO."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, Any]] = {}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        import copy
+
+        self.by_step[checkpoint["global_step"]] = copy.deepcopy(
+            {k: checkpoint[k] for k in ("state_dict", "optimizer_states", "lr_schedulers", "epoch")}
+        )
+
+
+class RecordingIO(CkptkitCheckpointIO):
+    """Records, for each save, whether it was already committed when ``save_checkpoint`` returned."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.done_at_return: list[bool] = []
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        assert self.last_handle is not None
+        self.done_at_return.append(self.last_handle.done())
+
+
+@pytest.mark.slow  # a Lightning fit whose saves each take 0.2 s more in the background
+def test_non_blocking_fit_commits_each_epoch_as_it_was_at_the_save(
+    slow_background: float, tmp_path: Path
+) -> None:
+    dirpath = tmp_path / "run"
+    io = RecordingIO(blocking=False)
+    snapshots = SnapshotAtSave()
+    torch.manual_seed(0)
+    model = TinyModule()
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, plugins=[io],
+        callbacks=[ModelCheckpoint(dirpath=dirpath, save_top_k=-1), snapshots],
+    )
+    trainer.fit(model, make_data())
+
+    assert io.done_at_return == [False] * EPOCHS  # fit went on while each save was in flight
+    # fit's teardown waited for the last one: all committed, no staging debris left.
+    names = {f"epoch={e}-step={(e + 1) * STEPS_PER_EPOCH}.ckpt" for e in range(EPOCHS)}
+    assert committed_names(str(dirpath)) == names
+    assert {p.name for p in dirpath.iterdir()} == names
+    for name in names:
+        saved = load_lightning_checkpoint(dirpath / name)
+        # The optimizer stepped on after each save but the last: none of that leaked in.
+        assert_identical({k: saved[k] for k in snapshots.by_step[saved["global_step"]]},
+                         snapshots.by_step[saved["global_step"]], name)
+    final = load_lightning_checkpoint(dirpath / "epoch=3-step=16.ckpt")
+    assert_identical(final["state_dict"], model.state_dict())
+
+
+def test_non_blocking_failure_is_raised_by_the_next_call_once(tmp_path: Path) -> None:
+    (tmp_path / "blocked.ckpt").write_text("a file where the checkpoint directory must go")
+    io = CkptkitCheckpointIO(blocking=False)
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(4)}, tmp_path / "blocked.ckpt")  # returns
+    with pytest.raises(NotFoundError, match=r"blocked\.ckpt"):
+        io.save_checkpoint({"global_step": 2, "w": torch.ones(4)}, tmp_path / "good.ckpt")
+    # Raised once: the next save goes through, and teardown waits for it.
+    io.save_checkpoint({"global_step": 3, "w": torch.full((4,), 3.0)}, tmp_path / "good.ckpt")
+    io.teardown()
+    assert committed_names(str(tmp_path)) == {"good.ckpt"}
+    expected = {"global_step": 3, "w": torch.full((4,), 3.0)}
+    assert_identical(io.load_checkpoint(tmp_path / "good.ckpt"), expected)
+
+    io.save_checkpoint({"global_step": 4}, tmp_path / "blocked.ckpt")
+    with pytest.raises(NotFoundError, match=r"blocked\.ckpt"):
+        io.teardown()  # the end of fit: nothing is lost
+
+
+def test_removing_the_checkpoint_in_flight_waits_for_it(slow_background: float, tmp_path: Path) -> None:
+    io = CkptkitCheckpointIO(blocking=False)
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(4)}, tmp_path / "a.ckpt")
+    io.remove_checkpoint(tmp_path / "a.ckpt")  # without waiting, the commit would bring it back
+    io.teardown()
+    assert list(tmp_path.iterdir()) == []

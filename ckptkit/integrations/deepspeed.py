@@ -18,6 +18,15 @@
 The protocol itself (shared attempt, gather, commit on rank 0) is :mod:`ckptkit.distributed`,
 which ckptkit's native multi-rank saves use too.
 
+Non-blocking saves (``save_checkpoint(..., blocking=False)``): ``save`` only serialises each file
+into memory, which is the staging (a snapshot the training loop may mutate past); ``commit``
+hands the writes, the hashing and the commit gather to the rank's
+:class:`~ckptkit.async_save.BackgroundSaver` thread and returns. Its collectives run on the
+commit group alone, never the training group, and ``create`` (the next save) or a load first
+waits for the save in flight, so at most one collective on that group runs at a time and the
+next save raises a background failure. Between those calls the commit group's collectives run
+while training goes on; a rank killed then leaves no commit, as above.
+
 DeepSpeed also writes some files itself with plain file I/O, outside the checkpoint engine: the
 ``latest`` file (``save_checkpoint(save_latest=True)``) and the ``zero_to_fp32.py`` /
 ``zero_to_torch.py`` recovery scripts. :func:`save_checkpoint` therefore gives DeepSpeed a
@@ -36,7 +45,8 @@ checks it against the manifest's digest and hands it to ``torch.load(weights_onl
 Each rank reads only the files DeepSpeed asks it for.
 
 Limits: each file is serialised in memory before it is streamed (memory bounded by the largest
-file a rank writes, as with ``torch.save``); ``load_checkpoint(load_module_only=True)`` at ZeRO-3
+file a rank writes, as with ``torch.save``; non-blocking, by all the files a rank writes in one
+save); ``load_checkpoint(load_module_only=True)`` at ZeRO-3
 and NVMe offload read files by path outside the engine and are not supported.
 """
 
@@ -51,12 +61,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
+from ckptkit.async_save import BackgroundSaver, SaveHandle
 from ckptkit.catalog import list_checkpoints, read_manifest, step_from_name
 from ckptkit.commit import CheckpointTransaction, files_of
 from ckptkit.distributed import (
@@ -99,8 +110,14 @@ class _SaveAttempt:
 
     tag: str
     save_dir: str  # DeepSpeed's save_dir as an absolute path: only used to name files
+    step: int | None  # taken at create: by the background commit, training has moved on
+    topology: dict[str, Any]
     shared: SharedAttempt  # the attempt all ranks write into
     sink: AttemptSink  # this rank's files in it
+    blocking: bool  # write each file as it comes, or stage them for the background
+    # Non-blocking only: each file serialised in memory (the snapshot the training loop may
+    # mutate past), written to the store by the background job.
+    staged: list[tuple[str, io.BytesIO]] = field(default_factory=list)
 
 
 class CkptkitCheckpointEngine(CheckpointEngine):
@@ -110,6 +127,12 @@ class CkptkitCheckpointEngine(CheckpointEngine):
     :func:`use_ckptkit`. ``timeout_s`` bounds how long a rank waits for the others at the commit.
     ``digest`` is how files are hashed into the manifest, as for ``ckptkit.save`` (rank 0's
     choice holds for all ranks).
+
+    ``blocking=False`` makes each save return once every file is serialised in memory (a
+    snapshot the training loop may mutate past); writing, hashing and the commit collective run
+    in a background thread. At most one save is in flight: the next one (and any load) waits for
+    it first, and raises its failure. Call :meth:`wait` (or :meth:`close`) before
+    ``destroy_process_group``: the commit needs the other ranks.
     """
 
     def __init__(
@@ -119,6 +142,7 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         engine: Any = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         digest: str | None = None,
+        blocking: bool = True,
         **storage_options: Any,
     ) -> None:
         super().__init__(None)
@@ -129,6 +153,9 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         # Created once, here: a group per save would cost a rendezvous on every save.
         self._group = CommitGroup(timeout_s)
         self._save: _SaveAttempt | None = None
+        self.blocking = blocking  # how the next save runs; save_checkpoint(blocking=) sets it per call
+        self._background = BackgroundSaver(f"ckptkit-deepspeed-rank{self._group.rank}")
+        self.last_handle: SaveHandle | None = None  # of the last non-blocking save
         self._load_map: dict[str, Callable[[Any], Any]] = {}  # placeholder path -> its loader
         self.last_committed: str | None = None
 
@@ -155,9 +182,13 @@ class CkptkitCheckpointEngine(CheckpointEngine):
             os.makedirs(path, exist_ok=True)
 
     def create(self, info: CheckpointCommitInfo) -> None:
+        # Back-pressure, and the commit group is free again: one collective on it at a time.
+        self.wait()
         shared = open_shared_attempt(self._group, self.root, str(info.tag), digest=self.digest)
         self._save = _SaveAttempt(
-            tag=shared.name, save_dir=os.path.abspath(str(info.save_dir)), shared=shared, sink=shared.sink()
+            tag=shared.name, save_dir=os.path.abspath(str(info.save_dir)),
+            step=self._step(shared.name), topology=self._topology(),
+            shared=shared, sink=shared.sink(), blocking=self.blocking,
         )
 
     def _key_for(self, attempt: _SaveAttempt, path: str) -> str:
@@ -174,28 +205,71 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         key = self._key_for(attempt, path)
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
-        attempt.sink.write(key, [buffer.getbuffer()])
+        if attempt.blocking:
+            attempt.sink.write(key, [buffer.getbuffer()])
+        else:
+            attempt.staged.append((key, buffer))
 
     def commit(self, info: CheckpointCommitInfo) -> bool:
         attempt, self._save = self._save, None
         if attempt is None:
             raise RuntimeError("CkptkitCheckpointEngine.commit called without create")
+        finish = functools.partial(self._finish, attempt, info.save_latest)
+        if attempt.blocking:
+            finish()
+        else:
+            self.last_handle = self._background.submit(self.root.child(attempt.tag).url, attempt.step, finish)
+        return True
+
+    def _finish(self, attempt: _SaveAttempt, save_latest: bool) -> Manifest:
+        """Write what was staged, then commit with the other ranks (in the background when
+        non-blocking). A failed write still joins the gather, so the other ranks learn of it at
+        once instead of after ``timeout_s``."""
 
         def commit_on_rank_0(transaction: CheckpointTransaction, _by_rank: Any) -> Manifest:
             manifest = transaction.commit(
-                step=self._step(attempt.tag),
+                step=attempt.step,
                 layout=LAYOUT,
-                topology=self._topology(),
+                topology=attempt.topology,
                 metadata={"tag": attempt.tag, "deepspeed_version": _deepspeed_version()},
             )
-            if info.save_latest:
+            if save_latest:
                 # After the commit: a crash before this line leaves `latest` at the previous tag.
                 self.root.put(LATEST_NAME, attempt.tag.encode())
             return manifest
 
-        commit_shared_attempt(self._group, attempt.shared, attempt.sink.entries, commit_on_rank_0)
+        failure: Exception | None = None
+        outcome: list[FileEntry] | str
+        try:
+            self._write_staged(attempt)
+            outcome = attempt.sink.entries
+        except Exception as exc:
+            failure, outcome = exc, f"{type(exc).__name__}: {exc}"
+        try:
+            manifest = commit_shared_attempt(self._group, attempt.shared, outcome, commit_on_rank_0)
+        except DistributedCommitError:
+            if failure is not None:
+                raise failure from None  # on the rank that failed, its own error says more
+            raise
         self.last_committed = attempt.tag
-        return True
+        return manifest
+
+    def _write_staged(self, attempt: _SaveAttempt) -> None:
+        while attempt.staged:
+            key, buffer = attempt.staged.pop(0)  # each snapshot is freed once it is in the store
+            attempt.sink.write(key, [buffer.getbuffer()])
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any, and raise its failure unless ``handle.wait()``
+        already did (:class:`DistributedCommitError` when any rank failed). Every rank calls it."""
+        self._background.wait()
+
+    def close(self) -> None:
+        """:meth:`wait`, then stop the background thread and release the commit group."""
+        try:
+            self._background.close()
+        finally:
+            self._group.close()
 
     def _step(self, tag: str) -> int | None:
         if self._engine is not None:
@@ -295,11 +369,15 @@ def use_ckptkit(
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     digest: str | None = None,
+    blocking: bool = True,
     **storage_options: Any,
 ) -> CkptkitCheckpointEngine:
-    """Install a :class:`CkptkitCheckpointEngine` on DeepSpeed ``engine``. Call it on every rank."""
+    """Install a :class:`CkptkitCheckpointEngine` on DeepSpeed ``engine``. Call it on every rank.
+    ``blocking=False`` makes its saves non-blocking by default."""
+    if isinstance(engine.checkpoint_engine, CkptkitCheckpointEngine):
+        engine.checkpoint_engine.wait()  # a save still in flight must not be dropped with it
     checkpoint_engine = CkptkitCheckpointEngine(
-        root_url, engine=engine, timeout_s=timeout_s, digest=digest, **storage_options
+        root_url, engine=engine, timeout_s=timeout_s, digest=digest, blocking=blocking, **storage_options
     )
     engine.checkpoint_engine = checkpoint_engine
     return checkpoint_engine
@@ -324,23 +402,38 @@ def save_checkpoint(
     *,
     save_latest: bool = True,
     exclude_frozen_parameters: bool = False,
-) -> str:
+    blocking: bool | None = None,
+) -> str | SaveHandle:
     """``engine.save_checkpoint`` into the ckptkit store; returns the committed tag. Every rank calls it.
 
     DeepSpeed gets a scratch directory as ``save_dir``: its plain-file writes (its own ``latest``,
     the recovery scripts) go there and are discarded; ``latest`` in the store is written by the
     checkpoint engine after the commit. Raises :class:`DistributedCommitError` on every surviving
     rank if any rank fails.
+
+    ``blocking=False`` returns a :class:`~ckptkit.SaveHandle` as soon as every file is serialised
+    in memory; the rest runs in the background (see :class:`CkptkitCheckpointEngine`) and a
+    failure is raised by ``handle.wait()`` or the engine's next save, load, ``wait`` or ``close``.
+    None takes the engine's own setting (``use_ckptkit(..., blocking=)``, blocking by default).
     """
     checkpoint_engine = _installed(engine, root_url)
-    with tempfile.TemporaryDirectory(prefix="ckptkit-ds-save-") as scratch:
-        engine.save_checkpoint(
-            scratch,
-            tag=tag,
-            client_state=client_state or {},
-            save_latest=save_latest,
-            exclude_frozen_parameters=exclude_frozen_parameters,
-        )
+    default = checkpoint_engine.blocking
+    if blocking is not None:
+        checkpoint_engine.blocking = blocking
+    try:
+        with tempfile.TemporaryDirectory(prefix="ckptkit-ds-save-") as scratch:
+            engine.save_checkpoint(
+                scratch,
+                tag=tag,
+                client_state=client_state or {},
+                save_latest=save_latest,
+                exclude_frozen_parameters=exclude_frozen_parameters,
+            )
+    finally:
+        checkpoint_engine.blocking = default
+    if blocking is False or (blocking is None and not default):
+        assert checkpoint_engine.last_handle is not None
+        return checkpoint_engine.last_handle
     assert checkpoint_engine.last_committed is not None
     return checkpoint_engine.last_committed
 
@@ -411,6 +504,7 @@ def load_checkpoint(
     ``load_options`` go to ``engine.load_checkpoint`` (``load_optimizer_states`` ...).
     """
     checkpoint_engine = _installed(engine, root_url)
+    checkpoint_engine.wait()  # the save in flight first: its commit uses the group broadcast below
     resolved: str | tuple[str] | None
     if checkpoint_engine.rank == 0:  # one rank decides, so all load the same checkpoint
         try:

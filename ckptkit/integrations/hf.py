@@ -23,10 +23,15 @@ Multi-process training: every process calls ``on_save``; the processes meet at a
 DeepSpeed or FSDP every rank writes files into the directory) and only the world process zero
 commits, verifies and deletes. Hyper-parameter search (``run-<trial>/`` sub-directories) is not
 supported.
+
+``CkptkitCallback(blocking=False)`` runs that commit (fsync, hashing, verification, retention) in
+a :class:`~ckptkit.async_save.BackgroundSaver` thread on the world process zero; the Trainer's
+own writes of ``checkpoint-N`` stay in the training loop (they are the snapshot).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import TrainerCallback
 
+from ckptkit.async_save import BackgroundSaver, SaveHandle
 from ckptkit.catalog import CheckpointInfo, list_checkpoints
 from ckptkit.commit import delete_checkpoint, publish_manifest
 from ckptkit.errors import (
@@ -246,6 +252,15 @@ class CkptkitCallback(TrainerCallback):
     and raises :class:`~ckptkit.mirror.MirrorError` if any failed.
 
     ``digest`` is how files are hashed into each manifest, as for ``ckptkit.save``.
+
+    ``blocking=False`` moves the commit (fsync, hashing, manifest, verification, retention, the
+    hand-over to the mirror) into a background thread: training resumes as soon as the Trainer
+    has written ``checkpoint-N``. The Trainer's own writes stay in the training loop, and the
+    files are never written again, so the commit hashes exactly what the Trainer saved. One
+    commit is in flight at a time: the next save waits for it before the Trainer writes, and
+    ``on_train_end`` waits for the last one. A background failure is raised at the next save
+    or at ``on_train_end``; until then a checkpoint whose commit failed is simply uncommitted,
+    and resuming skips it.
     """
 
     def __init__(
@@ -257,6 +272,7 @@ class CkptkitCallback(TrainerCallback):
         mirror: str | None = None,
         mirror_options: dict[str, Any] | None = None,
         digest: str | None = None,
+        blocking: bool = True,
     ) -> None:
         if verify not in ("full", "quick"):
             raise ValueError(f"verify must be 'full' or 'quick', got {verify!r}")
@@ -268,6 +284,9 @@ class CkptkitCallback(TrainerCallback):
         self.mirror_options = dict(mirror_options or {})
         self.mirror: Mirror | None = None
         self._warned_limit = False
+        self.blocking = blocking
+        self._saver: BackgroundSaver | None = None  # made at the first non-blocking commit
+        self.last_handle: SaveHandle | None = None  # of the last non-blocking commit
 
     # --- Trainer events ------------------------------------------------------------------
 
@@ -292,6 +311,14 @@ class CkptkitCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        saver, self._saver = self._saver, None
+        try:
+            if saver is not None:
+                saver.close()  # the last commit, before the mirror finishes; raises its failure
+        finally:
+            self._finish_mirror(args, state)
+
+    def _finish_mirror(self, args: TrainingArguments, state: TrainerState) -> None:
         if self.mirror is None:
             return
         self.mirror.wait()
@@ -320,26 +347,55 @@ class CkptkitCallback(TrainerCallback):
         _barrier()  # with DeepSpeed or FSDP every rank writes into checkpoint-N
         if not state.is_world_process_zero:
             return
+        self._wait()  # normally done at on_step_end already: one commit in flight
         root = open_store(args.output_dir)
         name = hf_checkpoint_name(state.global_step)
-        commit_hf_checkpoint(
-            root, name, step=state.global_step,
+        # Everything read from the Trainer's state is read now: it moves on during a background commit.
+        commit = functools.partial(
+            self._commit, root, name, step=state.global_step,
             metrics=metrics_at_step(state.log_history, state.global_step),
-            metadata={"producer": PRODUCER, "epoch": state.epoch},
-            jobs=self.jobs, digest=self.digest,
+            metadata={"producer": PRODUCER, "epoch": state.epoch}, best=state.best_model_checkpoint,
+        )
+        if self.blocking:
+            commit()
+            return
+        if self._saver is None:
+            self._saver = BackgroundSaver("ckptkit-hf-commit")
+        self.last_handle = self._saver.submit(root.child(name).url, state.global_step, commit)
+
+    def wait(self) -> None:
+        """Wait for the commit in flight, if any, and raise its failure unless ``handle.wait()``
+        already did."""
+        self._wait()
+
+    # --- steps of a save -----------------------------------------------------------------
+
+    def _commit(
+        self, root: Store, name: str, *, step: int, metrics: dict[str, float], metadata: dict[str, Any],
+        best: str | None,
+    ) -> Manifest:
+        """Commit, verify and retain the Trainer-written ``root/name`` (in the background when
+        non-blocking)."""
+        manifest = commit_hf_checkpoint(
+            root, name, step=step, metrics=metrics, metadata=metadata, jobs=self.jobs, digest=self.digest
         )
         verify_or_uncommit(root.child(name), quick=self.verify == "quick", jobs=self.jobs)
         self._on_committed(name)
         if self.retention is not None:
-            self._retain(root, self.retention, newest=name, best=state.best_model_checkpoint)
+            self._retain(root, self.retention, newest=name, best=best)
+        return manifest
 
-    # --- steps of a save -----------------------------------------------------------------
+    def _wait(self) -> None:
+        if self._saver is not None:
+            self._saver.wait()
 
     def _clear_save_target(self, args: TrainingArguments, state: TrainerState) -> None:
         """Remove what sits where the Trainer is about to save: the Trainer writes into an existing
         directory without emptying it, so a killed save's leftovers (or, after resuming from an
-        older checkpoint, a committed checkpoint of the abandoned run) would mix with the new files."""
+        older checkpoint, a committed checkpoint of the abandoned run) would mix with the new files.
+        The commit in flight is waited for first: the Trainer may rotate or replace what it reads."""
         if state.is_world_process_zero:
+            self._wait()
             root = open_store(args.output_dir)
             name = hf_checkpoint_name(state.global_step)
             committed = root.exists(name + "/" + MANIFEST_NAME)

@@ -14,6 +14,12 @@ which uncommits first (:func:`ckptkit.commit.delete_checkpoint`), and a name sav
 (``last.ckpt``) replaces the old checkpoint — removed first, so a crash in between leaves no
 ``last.ckpt`` rather than a torn one.
 
+``CkptkitCheckpointIO(blocking=False)`` saves without stalling the Trainer: the checkpoint is
+planned and its tensors copied into the :class:`~ckptkit.async_save.BackgroundSaver`'s reusable
+host buffer, then written and committed in that thread. Lightning's own ``AsyncCheckpointIO``
+clones every tensor into fresh memory at each save and queues saves without bound; here one save
+is in flight, the next waits for it, and the buffer is reused.
+
 Format: the checkpoint dict is stored in ckptkit's pickle-free native format (tensors in
 safetensors shards, everything else in typed JSON). Lightning's ``AttributeDict`` is stored as a
 plain dict and restored as an ``AttributeDict``. A value the native format cannot hold (a sparse
@@ -40,6 +46,7 @@ import io
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,14 +61,16 @@ except ImportError as exc:  # pragma: no cover - the message is the point
         "ckptkit.integrations.lightning needs pytorch-lightning: pip install 'ckptkit[lightning]'"
     ) from exc
 
+from ckptkit.async_save import BackgroundSaver, SaveHandle
 from ckptkit.catalog import list_checkpoints, read_manifest
 from ckptkit.commit import CheckpointTransaction, delete_checkpoint
 from ckptkit.errors import ChecksumMismatchError, FormatError, NotCommittedError, UnstorableValueError
 from ckptkit.hashing import choose_algorithm, digest_bytes
 from ckptkit.manifest import MANIFEST_NAME, Manifest
-from ckptkit.native import read_native, write_native
+from ckptkit.native import read_native
 from ckptkit.native.files import native_files
 from ckptkit.native.tree import TreeEncoder, TreePath, describe_type, format_path
+from ckptkit.native.writer import NativePlan, check_write_options, plan_native, write_planned
 from ckptkit.ops.verify import verify_checkpoint
 from ckptkit.safe import safe_globals
 from ckptkit.storage import Store, open_store, split_parent
@@ -90,6 +99,13 @@ class CkptkitCheckpointIO(CheckpointIO):
     Paths are local paths or URLs (``s3://bucket/run/epoch=0-step=10.ckpt``); ``storage_options``
     go to :func:`ckptkit.open_store` for every path (for S3: ``endpoint_url``, ``key``, ...).
     ``digest`` is how files are hashed into each manifest, as for ``ckptkit.save``.
+
+    ``blocking=False``: ``save_checkpoint`` returns once the checkpoint's tensors are copied into
+    a reusable host buffer (values that go to the extra blob are serialised then too); writing,
+    hashing and the commit run in a background thread. One save is in flight at a time: the
+    next save, a load, and the removal of the checkpoint being written wait for it first, and a
+    background failure is raised by the next call (save, load, remove or ``teardown``).
+    ``teardown``, which the Trainer calls at the end of ``fit``, waits for the last save.
     """
 
     def __init__(
@@ -99,13 +115,17 @@ class CkptkitCheckpointIO(CheckpointIO):
         max_shard_size: int = _DEFAULT_SHARD_SIZE,
         jobs: int = 4,
         digest: str | None = None,
+        blocking: bool = True,
     ) -> None:
         self.storage_options = dict(storage_options or {})
         self.max_shard_size = max_shard_size
         self.jobs = jobs
         self.digest = None if digest is None else choose_algorithm(digest)
+        self.blocking = blocking
         # One store per parent directory: on S3 each store holds a connection pool.
         self._stores: dict[str, Store] = {}
+        self._saver: BackgroundSaver | None = None  # made at the first non-blocking save
+        self.last_handle: SaveHandle | None = None  # of the last non-blocking save
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
@@ -116,29 +136,62 @@ class CkptkitCheckpointIO(CheckpointIO):
                 "CkptkitCheckpointIO(storage_options=...), not per save"
             )
         root, name = self._locate(path)
-        save_lightning_checkpoint(
+        if self.blocking:
+            self._wait()
+            save_lightning_checkpoint(
+                root, name, checkpoint, max_shard_size=self.max_shard_size, jobs=self.jobs, replace=True,
+                digest=self.digest,
+            )
+            return
+        if self._saver is None:
+            self._saver = BackgroundSaver("ckptkit-lightning")
+        saver = self._saver
+        saver.wait()  # back-pressure, and the staging buffer is free again
+        job = prepare_lightning_save(
             root, name, checkpoint, max_shard_size=self.max_shard_size, jobs=self.jobs, replace=True,
-            digest=self.digest,
+            digest=self.digest, stage=saver.stager.stage,
         )
+        self.last_handle = saver.submit(f"{root.url}/{name}", _step_of(checkpoint), job)
 
     def load_checkpoint(
         self, path: str | os.PathLike[str], map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Load a committed checkpoint. ``weights_only`` is accepted for Lightning's sake and
         ignored: ckptkit never runs code from a checkpoint, whatever it is set to."""
+        self._wait()  # it may be the checkpoint still being written
         root, name = self._locate(path)
         return load_lightning_checkpoint(root.child(name), map_location=map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Uncommit, then delete; a checkpoint that is not there is not an error (as in Lightning)."""
         root, name = self._locate(path)
+        handle = self._saver.in_flight if self._saver is not None else None
+        if handle is not None and handle.url == f"{root.url}/{name}":
+            self._wait()
+        elif self._saver is not None:
+            self._saver.raise_failure()  # older checkpoints go while the new one is written
         if any(True for _ in root.list(name)):
             delete_checkpoint(root, name)
 
+    def wait(self) -> None:
+        """Wait for the save in flight, if any, and raise its failure unless ``handle.wait()``
+        already did."""
+        self._wait()
+
     def teardown(self) -> None:
-        for store in self._stores.values():
-            store.close()
-        self._stores.clear()
+        """Wait for the last save (raising its failure), then release the thread and the stores."""
+        saver, self._saver = self._saver, None
+        try:
+            if saver is not None:
+                saver.close()
+        finally:
+            for store in self._stores.values():
+                store.close()
+            self._stores.clear()
+
+    def _wait(self) -> None:
+        if self._saver is not None:
+            self._saver.wait()
 
     def _locate(self, path: str | os.PathLike[str]) -> tuple[Store, str]:
         parent, name = split_parent(path)
@@ -175,26 +228,56 @@ def save_lightning_checkpoint(
     over one raises :class:`~ckptkit.errors.CommitConflictError`. ``digest`` is as for
     ``ckptkit.save``.
     """
+    return prepare_lightning_save(
+        root, name, checkpoint, max_shard_size=max_shard_size, jobs=jobs, replace=replace, digest=digest
+    )()
+
+
+def prepare_lightning_save(
+    root: Store,
+    name: str,
+    checkpoint: dict[str, Any],
+    *,
+    max_shard_size: int = _DEFAULT_SHARD_SIZE,
+    jobs: int = 4,
+    replace: bool = False,
+    digest: str | None = None,
+    stage: Callable[[NativePlan], NativePlan] | None = None,
+) -> Callable[[], Manifest]:
+    """Everything of :func:`save_lightning_checkpoint` that reads ``checkpoint`` (split, extra
+    blob, plan, and ``stage`` to copy its tensors, e.g. a :class:`~ckptkit.native.staging.HostStager`'s),
+    done now; returns the rest (delete a replaced checkpoint, write, commit) to run now or in the
+    background. Without ``stage`` the job reads the tensors when it runs."""
     algorithm = choose_algorithm(digest)  # a bad name fails before the old checkpoint is deleted
+    check_write_options(max_shard_size, jobs)
     split = _split_checkpoint(checkpoint)
     extra = _extra_blob(split)  # before anything is written: a refused value leaves no debris
-    if replace and root.exists(join_key(name, MANIFEST_NAME)):
-        delete_checkpoint(root, name)
-    with CheckpointTransaction(root, name, digest=algorithm) as txn:
-        write_native(split.tree, txn, max_shard_size=max_shard_size, jobs=jobs)
-        if extra is not None:
-            txn.write(EXTRA_FILE, extra)
-        step = checkpoint.get("global_step")
-        return txn.commit(
-            step=step if type(step) is int and step >= 0 else None,
-            layout="native",
-            metadata={
-                "producer": PRODUCER,
-                "pytorch_lightning": pytorch_lightning.__version__,
-                "epoch": checkpoint.get("epoch") if type(checkpoint.get("epoch")) is int else None,
-                "extra": EXTRA_FILE if extra is not None else None,
-            },
-        )
+    planned = plan_native(split.tree)
+    if stage is not None:
+        planned = stage(planned)
+    metadata = {
+        "producer": PRODUCER,
+        "pytorch_lightning": pytorch_lightning.__version__,
+        "epoch": checkpoint.get("epoch") if type(checkpoint.get("epoch")) is int else None,
+        "extra": EXTRA_FILE if extra is not None else None,
+    }
+    step = _step_of(checkpoint)
+
+    def write_and_commit() -> Manifest:
+        if replace and root.exists(join_key(name, MANIFEST_NAME)):
+            delete_checkpoint(root, name)
+        with CheckpointTransaction(root, name, digest=algorithm) as txn:
+            write_planned(planned, txn, max_shard_size=max_shard_size, jobs=jobs)
+            if extra is not None:
+                txn.write(EXTRA_FILE, extra)
+            return txn.commit(step=step, layout="native", metadata=metadata)
+
+    return write_and_commit
+
+
+def _step_of(checkpoint: dict[str, Any]) -> int | None:
+    step = checkpoint.get("global_step")
+    return step if type(step) is int and step >= 0 else None
 
 
 def _split_checkpoint(checkpoint: dict[str, Any]) -> _Split:

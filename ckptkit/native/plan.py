@@ -27,7 +27,12 @@ _RESERVED_NAMES = frozenset({"__metadata__"})
 
 @dataclass(frozen=True)
 class Entry:
-    """One safetensors entry to write; ``read`` gives its bytes, in the writing thread."""
+    """One safetensors entry to write; ``read`` gives its bytes, in the writing thread.
+
+    ``source`` is where those bytes lie when they are a tensor storage's (the storage and the
+    byte offset of ``nbytes`` bytes in it), so that a non-blocking save can copy them to a host
+    buffer of its own before the caller's tensors change (:mod:`ckptkit.async_save`).
+    """
 
     name: str
     dtype: str
@@ -35,6 +40,7 @@ class Entry:
     nbytes: int
     alignment: int
     read: Callable[[], memoryview]
+    source: tuple[torch.UntypedStorage, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,11 +118,12 @@ def _whole_tensor_entry(name: str, tensor: torch.Tensor) -> Entry:
     itemsize = tensor.element_size()
     start = tensor.storage_offset() * itemsize
     nbytes = tensor.numel() * itemsize
-    read = partial(storage_bytes, tensor.untyped_storage(), start, start + nbytes)
+    storage = tensor.untyped_storage()
+    read = partial(storage_bytes, storage, start, start + nbytes)
     st_dtype = safetensors_name(tensor.dtype)
     if st_dtype is None:  # raw bytes; tree.json keeps the real dtype
-        return Entry(name, "U8", (nbytes,), nbytes, itemsize, read)
-    return Entry(name, st_dtype, tuple(tensor.shape), nbytes, itemsize, read)
+        return Entry(name, "U8", (nbytes,), nbytes, itemsize, read, (storage, start))
+    return Entry(name, st_dtype, tuple(tensor.shape), nbytes, itemsize, read, (storage, start))
 
 
 def _span_entry(name: str, views: list[torch.Tensor]) -> tuple[Entry, list[int]]:
@@ -128,13 +135,15 @@ def _span_entry(name: str, views: list[torch.Tensor]) -> tuple[Entry, list[int]]
     alignment = max(itemsizes)
     low = min(starts) // alignment * alignment
     high = max(ends)
-    read = partial(storage_bytes, views[0].untyped_storage(), low, high)
+    storage = views[0].untyped_storage()
+    read = partial(storage_bytes, storage, low, high)
     dtypes = {t.dtype for t in views}
     st_dtype = safetensors_name(next(iter(dtypes))) if len(dtypes) == 1 else None
     if st_dtype is None:
-        entry = Entry(name, "U8", (high - low,), high - low, alignment, read)
+        entry = Entry(name, "U8", (high - low,), high - low, alignment, read, (storage, low))
     else:
-        entry = Entry(name, st_dtype, ((high - low) // alignment,), high - low, alignment, read)
+        shape = ((high - low) // alignment,)
+        entry = Entry(name, st_dtype, shape, high - low, alignment, read, (storage, low))
     return entry, [start - low for start in starts]
 
 

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 from ckptkit.native import jsonfmt
 from ckptkit.native.document import FLAT_SHARD_VERSION, FORMAT_NAME, PLAIN_VERSION
 from ckptkit.native.files import TREE_FILE
-from ckptkit.native.plan import Entry, assign_shards, plan_entries, shard_name
+from ckptkit.native.nodes import Json
+from ckptkit.native.plan import Entry, Plan, assign_shards, plan_entries, shard_name
 from ckptkit.native.safetensors_io import shard_chunks
 from ckptkit.native.tree import TreeEncoder
 
@@ -33,6 +34,31 @@ class NativeSummary:
     tree_path: str = TREE_FILE
 
 
+@dataclass(frozen=True)
+class NativePlan:
+    """A state encoded and planned, ready to write: its typed-JSON tree (fresh objects, not the
+    state's) and the entries whose ``read`` gives the tensor bytes when they are written."""
+
+    tree: Json
+    plan: Plan
+    flat_shards: bool  # whether the tree holds a FlatShard: format version 2
+
+
+def check_write_options(max_shard_size: int, jobs: int) -> None:
+    if max_shard_size < 1:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+
+
+def plan_native(state: Any) -> NativePlan:
+    """Encode ``state`` and plan its entries; raises :class:`UnstorableValueError` naming the
+    path of the first value the format cannot represent."""
+    encoder = TreeEncoder()
+    tree = encoder.encode(state)
+    return NativePlan(tree, plan_entries(encoder), encoder.flat_shards > 0)
+
+
 def write_native(
     state: Any, sink: FileSink, *, max_shard_size: int = 1 << 30, jobs: int = 4
 ) -> NativeSummary:
@@ -41,20 +67,23 @@ def write_native(
     Raises :class:`UnstorableValueError` naming the path of the first value the format cannot
     represent, before anything is written. ``tree.json`` is written last, after every shard.
     """
-    if max_shard_size < 1:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
-    if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
-    encoder = TreeEncoder()
-    tree = encoder.encode(state)
-    plan = plan_entries(encoder)
+    check_write_options(max_shard_size, jobs)
+    return write_planned(plan_native(state), sink, max_shard_size=max_shard_size, jobs=jobs)
+
+
+def write_planned(
+    planned: NativePlan, sink: FileSink, *, max_shard_size: int = 1 << 30, jobs: int = 4
+) -> NativeSummary:
+    """Write a planned state to ``sink``: the shards, then ``tree.json``."""
+    check_write_options(max_shard_size, jobs)
+    plan = planned.plan
     shards = assign_shards(plan.entries, max_shard_size)
     paths = [shard_name(i, len(shards)) for i in range(len(shards))]
     if shards:
         _write_shards(sink, list(zip(paths, shards, strict=True)), jobs)
     document = {
         "format": FORMAT_NAME,
-        "version": FLAT_SHARD_VERSION if encoder.flat_shards else PLAIN_VERSION,
+        "version": FLAT_SHARD_VERSION if planned.flat_shards else PLAIN_VERSION,
         "shards": paths,
         "entries": {
             entry.name: {"shard": index, "dtype": entry.dtype, "shape": list(entry.shape)}
@@ -62,7 +91,7 @@ def write_native(
             for entry in shard
         },
         "tensors": plan.records,
-        "tree": tree,
+        "tree": planned.tree,
     }
     sink.write(TREE_FILE, jsonfmt.dumps(document).encode("utf-8"))
     return NativeSummary(
