@@ -15,19 +15,18 @@ mismatch is a :class:`ChecksumMismatchError`, as for a whole-file load.
 from __future__ import annotations
 
 import io
-import threading
 from typing import Any
 
 from ckptkit.commit import files_of, logical_path
-from ckptkit.errors import ChecksumMismatchError, FormatError
+from ckptkit.errors import FormatError
 from ckptkit.formats.deepspeed import MODEL_STATES, OPTIM_STATES
 from ckptkit.formats.torch_writer import torch_tree_chunks
-from ckptkit.hashing import chunk_ranges, hash_range
 from ckptkit.manifest import FileEntry, Manifest
 from ckptkit.ops.zero_rank_files import SourceTensors, rank_trees
 from ckptkit.ops.zero_source import read_zero
 from ckptkit.safe import safe_globals
 from ckptkit.storage import Store
+from ckptkit.verified_reads import VerifiedFiles
 
 
 def tag_entries(manifest: Manifest, inner: str = "") -> dict[str, FileEntry]:
@@ -54,13 +53,10 @@ class ReshardedRankFiles:
         files = files_of(checkpoint, manifest)
         self.files = files.child(inner.rstrip("/")) if inner else files
         self.world = world
-        self._entries = tag_entries(manifest, inner)
-        self._chunk_size = manifest.chunk_size
-        self._verified: set[tuple[str, int]] = set()
-        self._lock = threading.Lock()
-        for key, entry in self._entries.items():
+        self._verified = VerifiedFiles(self.files, tag_entries(manifest, inner), manifest.chunk_size)
+        for key, entry in self._verified.entries.items():
             if "/" not in key and (MODEL_STATES.search(key) or OPTIM_STATES.search(key)):
-                self._check(key, [(0, 1), (max(entry.size - 1, 0), entry.size)])
+                self._verified.check(key, [(0, 1), (max(entry.size - 1, 0), entry.size)])
         self.source = read_zero(self.files)
         if self.source.stage != stage:
             raise FormatError(
@@ -85,29 +81,4 @@ class ReshardedRankFiles:
         for key, start, end in reads:
             by_key.setdefault(key, []).append((start, end))
         for key, ranges in by_key.items():
-            self._check(key, ranges)
-
-    def _check(self, key: str, ranges: list[tuple[int, int]]) -> None:
-        """Check the manifest chunk digests of every chunk of ``key`` that ``ranges`` touch."""
-        entry = self._entries.get(key)
-        if entry is None:
-            raise FormatError(f"{self.files.url}/{key}: not listed in the checkpoint's manifest")
-        bounds = chunk_ranges(entry.size, self._chunk_size)
-        wanted = {
-            index
-            for start, end in ranges
-            for index in range(start // self._chunk_size, max(start, end - 1) // self._chunk_size + 1)
-            if index < len(bounds)
-        }
-        for index in sorted(wanted):
-            with self._lock:
-                if (key, index) in self._verified:
-                    continue
-            start, end = bounds[index]
-            actual = hash_range(self.files, key, start, end, algorithm=entry.algorithm)
-            if actual != entry.chunks[index]:
-                raise ChecksumMismatchError(
-                    f"{self.files.url}/{key}", entry.chunks[index], actual, (start, end)
-                )
-            with self._lock:
-                self._verified.add((key, index))
+            self._verified.check(key, ranges)

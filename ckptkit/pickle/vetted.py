@@ -183,7 +183,32 @@ def _zero_stage(ctx: Context, ref: GlobalRef, args: tuple[Any, ...]) -> VettedOb
     return VettedObject(ref, args=args)
 
 
+# torch.distributed.checkpoint's ``.metadata`` (resharding.md §2.2): plain dataclasses and an int
+# enum, built with NEWOBJ + BUILD or a call with one int, and the pathlib path FileSystemWriter
+# records as its checkpoint_id (Python 3.13 moved the classes to pathlib._local). Building one
+# runs no code the file chooses, so reports need not flag them; they stay Opaque nodes (formats/dcp
+# reads their state), and ckptkit.integrations.dcp unpickles ``.metadata`` with these alone.
+_PATHLIB = ("pathlib", "pathlib._local")
+DCP_METADATA_CLASSES = frozenset(
+    [
+        ref(f"torch.distributed.checkpoint.metadata.{name}")
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ]
+    + [ref("torch.distributed.checkpoint.filesystem._StorageInfo")]
+    + [ref(f"{module}.{cls}") for module in _PATHLIB for cls in ("PosixPath", "PurePosixPath")]
+)
+
 _OWN: dict[GlobalRef, Entry] = {
+    **{cls: Entry() for cls in DCP_METADATA_CLASSES},
     ref("builtins.set"): Entry(reduce=_set),
     ref("builtins.frozenset"): Entry(reduce=_frozenset),
     ref("builtins.bytes"): Entry(reduce=_bytes),
