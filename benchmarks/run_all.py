@@ -2,7 +2,7 @@
 not, with the numbers), write ``benchmarks/out/results.json`` (with the machine facts).
 
     .venv/bin/python benchmarks/run_all.py [--only startup,ls,save,verify,inspect,consolidate,convert,
-                                                   sync,remote,mirror,reshard] [--quick]
+                                                   sync,remote,mirror,reshard,stall,dcp] [--quick]
     (or: make bench)
 
 The full run keeps every benchmark's full size but fewer rounds where a benchmark is long
@@ -17,6 +17,9 @@ printed ``benchmark_seconds`` of each replaces these):
   children, 3 load rounds;
 - consolidate (~3 min, most of it making the DeepSpeed checkpoints on first use);
 - reshard (~2 min, 3 rounds; it reuses consolidate's DeepSpeed checkpoints, made on first use);
+- stall (~15 min): a 1.27 GB training loop of 12 steps (~2.7 s each) per contender (9, each in its own
+  process), 2 rounds (~7.5 min a round; its own default of 3 rounds takes ~23 min);
+- dcp (~40 s): dcp.save of 419 MB, CkptkitWriter and FileSystemWriter, 3 rounds;
 - verify (~2 min), ls (~1.5 min), inspect (~1.5 min), mirror (~1 min), convert (~1 min),
   startup (~10 s).
 
@@ -35,12 +38,14 @@ from typing import Any
 
 import bench_consolidate
 import bench_convert
+import bench_dcp
 import bench_inspect
 import bench_ls_s3
 import bench_mirror
 import bench_remote
 import bench_reshard
 import bench_save_load
+import bench_stall
 import bench_startup
 import bench_sync
 import bench_verify
@@ -58,10 +63,13 @@ BENCHMARKS: dict[str, Callable[..., Result]] = {
     "remote": bench_remote.run,
     "mirror": bench_mirror.run,
     "reshard": bench_reshard.run,
+    "stall": bench_stall.run,
+    "dcp": bench_dcp.run,
 }
 # Settings of the full run where they differ from a benchmark's own defaults: fewer rounds, same sizes.
 FULL: dict[str, dict[str, Any]] = {
     "save": {"rounds": 3, "load_rounds": 3},
+    "stall": {"rounds": 2},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "startup": {"rounds": 2},
@@ -75,6 +83,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "remote": {"gb": 0.1, "rounds": 1, "quick": True},
     "mirror": {"rounds": 1, "steps": 20},
     "reshard": {"rounds": 1},
+    "stall": {"rounds": 1, "quick": True},
+    "dcp": {"rounds": 1, "quick": True},
 }
 
 
