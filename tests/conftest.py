@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import uuid
 from collections.abc import Iterator
@@ -83,3 +84,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         on_s3 = callspec is not None and callspec.params.get("any_store") == "s3"
         if on_s3 or (item.cls is not None and item.cls.__name__ == "TestS3Store"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def forkserver(s3_endpoint: str) -> mp.context.BaseContext:
+    """The crash tests' forkserver. A process has ONE forkserver, started on first use with the
+    environment and preload of that moment, and every child inherits them: so it is made here,
+    once, after the S3 server (its endpoint and credentials must reach every child), preloading
+    what every crash test's children import (each restart then costs milliseconds)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(
+        ["torch", "ckptkit", "ckptkit.native", "tests.crash_worker", "tests.async_crash_worker", "s3fs"]
+    )
+    return context
+

@@ -375,13 +375,6 @@ def test_non_blocking_collective_save_on_two_ranks(tmp_path: Path) -> None:
 KILLS = 30
 
 
-@pytest.fixture(scope="module")
-def forkserver() -> mp.context.BaseContext:
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "ckptkit", "ckptkit.native", "tests.async_crash_worker"])
-    return context
-
-
 def _newest_is_whole(root: str) -> int | None:
     manager = CheckpointManager(root)
     latest = manager.latest()

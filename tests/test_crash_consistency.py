@@ -25,15 +25,6 @@ pytestmark = pytest.mark.slow
 KILLS = 50
 
 
-@pytest.fixture(scope="module")
-def forkserver(s3_endpoint: str) -> mp.context.BaseContext:
-    # Depends on the S3 server so its endpoint and credentials are in the environment the
-    # forkserver (started on first use) hands to every child.
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "ckptkit", "ckptkit.native", "tests.crash_worker", "s3fs"])
-    return context
-
-
 def _assert_committed_state_is_whole(root: str) -> int | None:
     manager = CheckpointManager(root)
     latest = manager.latest()
