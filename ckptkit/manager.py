@@ -191,15 +191,19 @@ class CheckpointManager:
     ) -> Any:
         """Load checkpoint ``step`` (the latest committed one by default; a save in flight is
         not committed yet: ``wait()`` first to restore it)."""
-        self._saver.raise_failure()
-        if step is None:
-            info = self.latest()
-            if info is None:
-                raise NotCommittedError(f"{self.root.url}: no committed checkpoint to restore")
-            name = info.name
-        else:
-            name = step_dir_name(step)
+        name = self._restore_name(step)
         return load_from(self.root.child(name), keys=keys, map_location=map_location, mmap=mmap)
+
+    def _restore_name(self, step: int | None) -> str:
+        """The checkpoint a restore reads: ``step``'s, else the newest committed one; a failure
+        of the save in flight nobody has been told of is raised first."""
+        self._saver.raise_failure()
+        if step is not None:
+            return step_dir_name(step)
+        info = self.latest()
+        if info is None:
+            raise NotCommittedError(f"{self.root.url}: no committed checkpoint to restore")
+        return info.name
 
     # --- DCP checkpoints: torch.distributed.checkpoint, stored and committed by ckptkit -----------
 
@@ -260,14 +264,7 @@ class CheckpointManager:
 
         from ckptkit.integrations.dcp import CkptkitReader
 
-        self._saver.raise_failure()
-        if step is None:
-            latest = self.latest()
-            if latest is None:
-                raise NotCommittedError(f"{self.root.url}: no committed checkpoint to restore")
-            name = latest.name
-        else:
-            name = step_dir_name(step)
+        name = self._restore_name(step)
         info = self._committed(name)
         reader = CkptkitReader(self.root.child(name))
         # Read here first: dcp.load would turn an unsafe or corrupt .metadata into an
