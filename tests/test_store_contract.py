@@ -15,8 +15,10 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import settings
 
+from ckptkit.errors import AlreadyExistsError
 from ckptkit.ops.convert_source import _RangeStore
 from ckptkit.storage import LocalStore, Store, StoreCapabilities, open_store
+from ckptkit.storage.mapped import Located, MappedStore
 from ckptkit.storage.read_cache import ReadCache
 from ckptkit.testing import DEFAULT_STATE_MACHINE_SETTINGS, ReadOnlyStoreContractTests, StoreContractTests
 
@@ -78,13 +80,27 @@ class DocumentedCapabilities:
 
 class TestLocalStore(DocumentedCapabilities, StoreContractTests):
     documented_capabilities = StoreCapabilities(
-        atomic_rename=True, conditional_create=True, durable_writes=True
+        atomic_rename=True, conditional_create=True, durable_writes=True, hard_links=True
     )
 
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[Store]:
         with open_store(tmp_path / "store") as store:
             yield store
+
+    def test_link_names_the_same_bytes_twice(self, store: Store, tmp_path: Path) -> None:
+        store.put("a/x.bin", b"payload")
+        store.link("a/x.bin", "b/c/y.bin")
+        assert store.get("b/c/y.bin") == b"payload"
+        assert (tmp_path / "store/a/x.bin").stat().st_ino == (tmp_path / "store/b/c/y.bin").stat().st_ino
+        with pytest.raises(AlreadyExistsError):
+            store.link("a/x.bin", "b/c/y.bin")
+        store.delete("a/x.bin")  # the other name keeps the bytes
+        assert store.get("b/c/y.bin") == b"payload"
+
+    def test_parent_is_one_level_up(self, store: Store, tmp_path: Path) -> None:
+        store.child("run/step-1").parent().put("f", b"1")
+        assert (tmp_path / "store/run/f").read_bytes() == b"1"
 
     @pytest.fixture
     def raw(self, tmp_path: Path) -> DirectoryRaw:
@@ -200,3 +216,40 @@ class TestReadCache(DocumentedCapabilities, ReadOnlyStoreContractTests):
     @pytest.fixture
     def raw(self, tmp_path: Path) -> DirectoryRaw:
         return DirectoryRaw(tmp_path)
+
+
+class MappedRaw:
+    """A mapped store's objects, read where they lie."""
+
+    def __init__(self, root: Path, where: dict[str, str]) -> None:
+        self.directory = DirectoryRaw(root)
+        self.where = where
+
+    def get(self, key: str) -> bytes | None:
+        return self.directory.get(self.where[key]) if key in self.where else None
+
+
+class TestMappedStore(DocumentedCapabilities, ReadOnlyStoreContractTests):
+    """A deduplicated checkpoint's files are read through this view: each name maps to an
+    object elsewhere (the root's blob store), under another key."""
+
+    documented_capabilities = StoreCapabilities(
+        atomic_rename=False, conditional_create=False, durable_writes=False, read_only=True
+    )
+
+    def _where(self) -> dict[str, str]:
+        names = {key: uuid.uuid5(uuid.NAMESPACE_URL, key).hex for key in self.objects}
+        return {key: f".blobs/{name[:2]}/{name}" for key, name in names.items()}
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        raw, inner = DirectoryRaw(tmp_path), LocalStore(tmp_path)
+        located = {}
+        for key, target in self._where().items():
+            raw.put(target, self.objects[key])
+            located[key] = Located(inner, target, len(self.objects[key]))
+        return MappedStore(str(tmp_path / "ckpt"), located)
+
+    @pytest.fixture
+    def raw(self, tmp_path: Path) -> MappedRaw:
+        return MappedRaw(tmp_path, self._where())

@@ -29,12 +29,15 @@ class StoreCapabilities:
     durable_writes: a successful ``put`` survives power loss (fsync or the service's guarantee).
     read_only: every write (``put``, ``delete``, ``delete_prefix``, ``copy``, ``rename_prefix``)
         raises :class:`~ckptkit.errors.ReadOnlyStoreError` and changes nothing.
+    hard_links: ``link`` gives an object a second name without copying its bytes (a POSIX hard
+        link), so deduplicated files can also lie where tools that bypass manifests look.
     """
 
     atomic_rename: bool
     conditional_create: bool
     durable_writes: bool
     read_only: bool = False
+    hard_links: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,18 @@ class Store(abc.ABC):
         Raises :class:`AlreadyExistsError` if ``dst`` already holds objects.
         """
         raise TypeError(f"{type(self).__name__} declares no atomic_rename capability")
+
+    def parent(self) -> Store:
+        """The store one level up (``s3://b/run`` for ``s3://b/run/step-1``), with the same
+        settings: where a checkpoint finds its root's blob store."""
+        raise TypeError(f"{type(self).__name__} has no parent")
+
+    def link(self, src: str, dst: str) -> None:
+        """Give object ``src`` the second name ``dst`` without copying it; needs ``hard_links``.
+
+        Raises :class:`AlreadyExistsError` if ``dst`` exists.
+        """
+        raise TypeError(f"{type(self).__name__} declares no hard_links capability")
 
     def sync_prefix(self, prefix: str) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make the names below ``prefix`` durable (fsync a directory); a no-op by default."""

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import errno
 import io
+import posixpath
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -18,6 +19,7 @@ from ckptkit.errors import (
     AccessDeniedError,
     AlreadyExistsError,
     CkptkitError,
+    InvalidURLError,
     NotFoundError,
     PermanentStorageError,
     StorageError,
@@ -192,6 +194,12 @@ class FsspecStore(Store):
 
     def child(self, prefix: str) -> FsspecStore:
         return FsspecStore(self.fs, self.protocol, self._path(prefix))
+
+    def parent(self) -> FsspecStore:
+        parent = posixpath.dirname(self.root)
+        if not parent.strip("/"):
+            raise InvalidURLError(f"{self.url}: a bucket has no parent")
+        return FsspecStore(self.fs, self.protocol, parent)
 
     def _path(self, key: str) -> str:
         if not key:

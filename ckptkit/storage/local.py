@@ -145,7 +145,7 @@ class LocalStore(Store):
         self._root = str(self.root).rstrip("/")  # "" for the filesystem root: paths are f"{_root}/{key}"
         self.fsync = fsync
         self.capabilities = StoreCapabilities(
-            atomic_rename=True, conditional_create=True, durable_writes=fsync
+            atomic_rename=True, conditional_create=True, durable_writes=fsync, hard_links=True
         )
 
     @property
@@ -154,6 +154,9 @@ class LocalStore(Store):
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix), fsync=self.fsync)
+
+    def parent(self) -> LocalStore:
+        return LocalStore(self.root.parent, fsync=self.fsync)
 
     def _path(self, key: str) -> Path:
         return self.root / normalize_key(key) if key else self.root
@@ -355,6 +358,15 @@ class LocalStore(Store):
     def copy(self, src: str, dst: str) -> None:
         with self.open_read(src) as f, translate_os_errors(str(self._path(src))):
             self.put(dst, iter(lambda: f.read(8 << 20), b""))
+
+    def link(self, src: str, dst: str) -> None:
+        source, target = self._checked_path(src), Path(self._checked_path(dst))
+        with translate_os_errors(str(target)):
+            _require_regular(source, os.lstat(source).st_mode)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, target, follow_symlinks=False)  # EEXIST: AlreadyExistsError
+            if self.fsync:
+                fsync_dir(target.parent)
 
     def rename_prefix(self, src: str, dst: str) -> None:
         source, target = self._path(src), self._path(dst)
