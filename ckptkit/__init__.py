@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "save": "ckptkit.api",
+    "attest": "ckptkit.attestation",
+    "AttestReport": "ckptkit.attest_core",
+    "AttestationError": "ckptkit.errors",
     "load": "ckptkit.api",
     "SaveHandle": "ckptkit.async_save",
     "CheckpointManager": "ckptkit.manager",
@@ -40,6 +43,8 @@ _EXPORTS = {
     "ReshardResult": "ckptkit.ops.reshard",
     "sync": "ckptkit.ops.sync",
     "SyncReport": "ckptkit.ops.sync",
+    "thin_checkpoint": "ckptkit.ops.thin",
+    "ThinReport": "ckptkit.ops.thin",
     "RetryPolicy": "ckptkit.transfer",
     "Mirror": "ckptkit.mirror",
     "MirrorError": "ckptkit.mirror",
@@ -49,6 +54,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AttestReport",
+    "AttestationError",
     "CheckpointInfo",
     "CheckpointManager",
     "CkptkitError",
@@ -63,8 +70,10 @@ __all__ = [
     "SaveHandle",
     "Store",
     "SyncReport",
+    "ThinReport",
     "TopologyMismatchError",
     "__version__",
+    "attest",
     "collect_garbage",
     "convert",
     "doctor",
@@ -81,6 +90,7 @@ __all__ = [
     "save",
     "scan",
     "sync",
+    "thin_checkpoint",
     "verify_checkpoint",
     "verify_tree",
 ]
@@ -102,9 +112,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ckptkit.api import load, save
     from ckptkit.async_save import SaveHandle
+    from ckptkit.attest_core import AttestReport
+    from ckptkit.attestation import attest
     from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest
     from ckptkit.distributed import DistributedCommitError, TopologyMismatchError
-    from ckptkit.errors import CkptkitError
+    from ckptkit.errors import AttestationError, CkptkitError
     from ckptkit.manager import CheckpointManager
     from ckptkit.manifest import Manifest
     from ckptkit.mirror import Mirror, MirrorError
@@ -117,6 +129,7 @@ if TYPE_CHECKING:
     from ckptkit.ops.reshard import ReshardResult, reshard_zero
     from ckptkit.ops.scan import scan
     from ckptkit.ops.sync import SyncReport, sync
+    from ckptkit.ops.thin import ThinReport, thin_checkpoint
     from ckptkit.ops.verify import verify_checkpoint, verify_tree
     from ckptkit.retention import RetentionPolicy
     from ckptkit.safe import safe_globals, safe_load

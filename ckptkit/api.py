@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ckptkit import lineage
 from ckptkit.catalog import latest_checkpoint, read_manifest
 from ckptkit.commit import CheckpointTransaction, logical_path
 from ckptkit.distributed import (
@@ -64,6 +65,7 @@ def save_to(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     collective: bool = True,
     digest: str | None = None,
+    dedup: bool = False,
 ) -> Manifest:
     """Write ``state`` as checkpoint ``name`` under ``root`` and commit it.
 
@@ -73,8 +75,9 @@ def save_to(
     from ckptkit.native import write_native
 
     write = partial(write_native, state, max_shard_size=max_shard_size, jobs=jobs)
+    metadata = lineage.stamp(metadata, data=lineage.data_position(global_step=step))
     return _commit_native(
-        root, name, write, replicated=replicated, digest=digest,
+        root, name, write, replicated=replicated, digest=digest, dedup=dedup,
         group=_commit_group(root, name, timeout_s) if collective and world()[1] > 1 else None,
         manifest_options={"step": step, "metadata": metadata, "metrics": metrics},
     )
@@ -95,6 +98,7 @@ def start_save_to(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     collective: bool = True,
     digest: str | None = None,
+    dedup: bool = False,
     then: Callable[[Manifest], None] | None = None,
 ) -> SaveHandle:
     """:func:`save_to` without blocking: wait for ``saver``'s save in flight, stage ``state``
@@ -120,10 +124,11 @@ def start_save_to(
             raise
         # The other ranks are committing in the background: they learn of it at the gather.
         write = partial(_raise, exc)
+    metadata = lineage.stamp(metadata, data=lineage.data_position(global_step=step))  # now, not in the thread
 
     def job() -> Manifest:
         manifest = _commit_native(
-            root, name, write, replicated=replicated, digest=digest,
+            root, name, write, replicated=replicated, digest=digest, dedup=dedup,
             group=group, manifest_options={"step": step, "metadata": metadata, "metrics": metrics},
         )
         if then is not None:
@@ -157,16 +162,17 @@ def _commit_native(
     *,
     replicated: bool,
     digest: str | None,
+    dedup: bool,
     group: CommitGroup | None,
     manifest_options: dict[str, Any],
 ) -> Manifest:
     """Run ``write`` into a new checkpoint and commit it: alone, or with every rank of ``group``."""
     if group is not None:
         return _save_ranks(
-            group, root, name, write, replicated=replicated, digest=digest,
+            group, root, name, write, replicated=replicated, digest=digest, dedup=dedup,
             manifest_options=manifest_options,
         )
-    with CheckpointTransaction(root, name, digest=digest) as txn:
+    with CheckpointTransaction(root, name, digest=digest, dedup=dedup) as txn:
         write(txn)
         return txn.commit(layout="native", **manifest_options)
 
@@ -179,13 +185,14 @@ def _save_ranks(
     *,
     replicated: bool,
     digest: str | None,
+    dedup: bool,
     manifest_options: dict[str, Any],
 ) -> Manifest:
     """The collective save: each rank writes its part, rank 0 commits all (see :func:`save`).
     Closes ``group``: in the background thread of a non-blocking save, where destroying it
     touches only that group, which no other thread uses."""
     try:
-        attempt = open_shared_attempt(group, root, name, digest=digest)
+        attempt = open_shared_attempt(group, root, name, digest=digest, dedup=dedup)
         sink = attempt.sink("" if replicated else rank_dir(group.rank))
         failure: Exception | None = None
         outcome: list[FileEntry] | str
@@ -201,11 +208,15 @@ def _save_ranks(
             return transaction.commit(layout="native", topology=topology, **manifest_options)
 
         try:
-            return commit_shared_attempt(group, attempt, outcome, commit)
+            manifest = commit_shared_attempt(group, attempt, outcome, commit)
         except DistributedCommitError:
+            # This rank's pins stay: rank 0 may be committing still (a broadcast that failed
+            # after the gather). Unused, they go stale and stop protecting anything.
             if failure is not None:
                 raise failure from None  # on the rank that failed, its own error says more
             raise
+        attempt.unpin()  # committed: the manifest protects every rank's blobs now
+        return manifest
     finally:
         group.close()
 
@@ -237,6 +248,7 @@ def save(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     collective: bool = True,
     digest: str | None = None,
+    dedup: bool = False,
     blocking: bool = True,
     **storage_options: Any,
 ) -> Manifest | SaveHandle:
@@ -258,6 +270,12 @@ def save(
     ``"sha256"`` where a policy requires it; None takes the ``CKPTKIT_DIGEST`` environment
     variable, then BLAKE3. Either verifies the same way; an unknown name is a ValueError.
 
+    ``dedup=True`` stores each file's bytes once in the blob store of ``url``'s parent (its
+    root), shared by every deduplicated checkpoint there: a tensor of 1 MiB or more that a
+    checkpoint of the root already holds (a frozen base model, embeddings) is neither written
+    nor uploaded again. The manifest still lists every file with its size and digest, and every
+    command reads the checkpoint as any other (docs/manifest.md, "Deduplicated files").
+
     ``blocking=False`` returns a :class:`~ckptkit.SaveHandle` as soon as the state's tensors are
     copied into a host buffer (an unstorable value is still raised here); from then on they may
     change. Hashing, writing and the commit run in a background thread at lower CPU priority;
@@ -273,6 +291,7 @@ def save(
     options: dict[str, Any] = {
         "step": step, "metadata": metadata, "max_shard_size": max_shard_size, "jobs": jobs,
         "replicated": replicated, "timeout_s": timeout_s, "collective": collective, "digest": digest,
+        "dedup": dedup,
     }
     if blocking:
         return save_to(store, name, state, **options)
@@ -294,6 +313,7 @@ def load_from(
     from ckptkit.native import read_native
 
     manifest = read_manifest(checkpoint)
+    lineage.resumed_from(checkpoint.url, manifest)
     per_rank = rank_files(checkpoint, manifest)
     options: dict[str, Any] = {"keys": keys, "map_location": map_location, "mmap": mmap}
     if per_rank is None:

@@ -22,6 +22,9 @@ from ckptkit.storage.base import ObjectInfo, Store
 
 # "invalid": a manifest is present but does not parse or validate; never treated as committed.
 Status = Literal["committed", "incomplete", "invalid"]
+# The manifest metadata key thinning records (ckptkit.ops.thin): what was kept and dropped. A
+# checkpoint that has it holds weights (or the kept keys) only, and cannot resume training.
+THINNED = "thinned"
 # step-00000100 (ckptkit), checkpoint-2500 (HF), global_step7 (DeepSpeed), and kin.
 _STEP_NAME = re.compile(
     r"(?:step|checkpoint|global_step|ckpt|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE
@@ -50,6 +53,19 @@ class CheckpointInfo:
     @property
     def committed(self) -> bool:
         return self.status == "committed"
+
+    @property
+    def resumable(self) -> bool | None:
+        """Whether training can resume from it: committed and not thinned to weights only.
+        None when the listing did not read its manifest (``read_manifests=False``)."""
+        if self.manifest is None:
+            return False if self.status != "committed" else None
+        return is_resumable(self.manifest)
+
+
+def is_resumable(manifest: Manifest) -> bool:
+    """Whether a committed checkpoint still holds everything its writer saved (not thinned)."""
+    return THINNED not in manifest.metadata
 
 
 def step_from_name(name: str) -> int | None:

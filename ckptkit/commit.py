@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from ckptkit.blobs import DedupFiles
 from ckptkit.errors import (
     AlreadyExistsError,
     CommitConflictError,
@@ -30,9 +31,10 @@ from ckptkit.errors import (
     PermanentStorageError,
     StorageError,
 )
-from ckptkit.hashing import StreamingDigest, choose_algorithm
-from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
+from ckptkit.hashing import FileDigest, StreamingDigest, choose_algorithm
+from ckptkit.manifest import BLOB_DIR, MANIFEST_NAME, FileEntry, Manifest, blob_store_of, validate_path
 from ckptkit.storage.base import Store, join_key
+from ckptkit.storage.mapped import Located, MappedStore
 
 STAGING_MARKER = ".ckptkit-staging-"
 TRASH_MARKER = ".ckptkit-trash-"
@@ -55,11 +57,43 @@ def logical_path(path: str) -> str:
 
 def files_of(checkpoint: Store, manifest: Manifest) -> Store:
     """Where a committed checkpoint's files lie under their logical paths: inside its attempt
-    prefix on an object store (every file of one commit shares it), else the checkpoint itself."""
-    prefixes = {first for e in manifest.files if ATTEMPT_RE.match(first := e.path.partition("/")[0])}
-    if len(prefixes) == 1 and all("/" in e.path for e in manifest.files):
-        return checkpoint.child(prefixes.pop())
-    return checkpoint
+    prefix on an object store (every file of one commit shares it), else the checkpoint itself;
+    for a deduplicated checkpoint, a view that finds each blob in the root's blob store, and
+    for a thinned one (files of two attempts, or of one and none: :mod:`ckptkit.ops.thin`), a
+    view that finds each file in its attempt."""
+    if manifest.blob_store is not None:
+        return _mapped_files(checkpoint, manifest)
+    prefixes = {e.path.partition("/")[0] if logical_path(e.path) != e.path else None for e in manifest.files}
+    if len(prefixes) > 1:
+        return _mapped_files(checkpoint, manifest)
+    prefix = prefixes.pop() if prefixes else None
+    return checkpoint.child(prefix) if prefix is not None else checkpoint
+
+
+def attempt_id(attempt_key: str) -> str:
+    """The 12 hex digits that end an attempt's key (``.<name>.ckptkit-staging-<id>`` on local
+    disk, ``<name>/ckptkit-<id>`` on object stores)."""
+    return attempt_key[-12:]
+
+
+def blob_store_for(checkpoint: Store, manifest: Manifest) -> Store:
+    """The blob store a deduplicated checkpoint's manifest points at (``../.ckptkit-blobs``)."""
+    assert manifest.blob_store is not None
+    store = checkpoint
+    for _ in range(manifest.blob_store.count("../")):
+        store = store.parent()
+    return store.child(BLOB_DIR)
+
+
+def _mapped_files(checkpoint: Store, manifest: Manifest) -> MappedStore:
+    blobs = blob_store_for(checkpoint, manifest) if manifest.blob_store is not None else checkpoint
+    located = {
+        logical_path(e.path): (
+            Located(blobs, e.blob, e.size) if e.blob else Located(checkpoint, e.path, e.size)
+        )
+        for e in manifest.files
+    }
+    return MappedStore(checkpoint.url, located)
 
 
 def is_ckptkit_debris_dir(name: str) -> bool:
@@ -90,21 +124,44 @@ class FileRecorder:
     ``digest`` is the algorithm's recorded name (``blake3-tree``). Thread-safe. What a
     transaction writes with, and each rank of a multi-rank save."""
 
-    def __init__(self, files: Store, data_prefix: str, prefix: str = "", *, digest: str) -> None:
+    def __init__(
+        self,
+        files: Store,
+        data_prefix: str,
+        prefix: str = "",
+        *,
+        digest: str,
+        dedup: DedupFiles | None = None,
+    ) -> None:
         self._files = files
         self._data_prefix = data_prefix
         self._prefix = prefix
         self.digest = digest
+        self.dedup = dedup
         self._lock = threading.Lock()
         self._entries: dict[str, FileEntry] = {}
 
-    def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
-        """Stream one file, hashing it on the way."""
+    def write(
+        self, path: str, data: bytes | Iterable[bytes | memoryview], *, digest: FileDigest | None = None
+    ) -> FileEntry:
+        """Stream one file, hashing it on the way. Deduplicating, a ``digest`` the caller already
+        has (of exactly these bytes) lets a file whose blob exists be recorded without reading
+        ``data`` at all; without one, the file is written, then given to the blob store."""
         key = join_key(self._prefix, validate_path(path))
-        hasher = StreamingDigest(algorithm=self.digest)
-        source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-        self._files.put(key, hasher.tee(source))
-        entry = FileEntry.from_digest(join_key(self._data_prefix, key), hasher.result())
+        blob = None
+        in_memory = isinstance(data, (bytes, bytearray, memoryview, list))
+        if self.dedup is not None and digest is None and in_memory:
+            digest = _digest_of(data, self.digest)  # in memory: hash first, maybe write nothing
+        if self.dedup is not None and digest is not None:
+            blob = self.dedup.write_known(key, data, digest)
+        else:
+            hasher = StreamingDigest(algorithm=self.digest)
+            source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+            self._files.put(key, hasher.tee(source))
+            digest = hasher.result()
+            if self.dedup is not None:
+                blob = self.dedup.adopt(key, digest)
+        entry = FileEntry.from_digest(join_key(self._data_prefix, key), digest, blob=blob)
         with self._lock:
             if entry.path in self._entries:
                 raise AlreadyExistsError(f"{key} was written twice in one checkpoint")
@@ -123,6 +180,13 @@ class FileRecorder:
             return list(self._entries.values())
 
 
+def _digest_of(data: bytes | bytearray | memoryview | list[bytes | memoryview], algorithm: str) -> FileDigest:
+    hasher = StreamingDigest(algorithm=algorithm)
+    for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        hasher.update(piece)
+    return hasher.result()
+
+
 class CheckpointTransaction:
     """Write the files of one checkpoint, then commit them atomically with a manifest.
 
@@ -131,13 +195,21 @@ class CheckpointTransaction:
     """
 
     def __init__(
-        self, root: Store, name: str, *, attempt: str | None = None, digest: str | None = None
+        self,
+        root: Store,
+        name: str,
+        *,
+        attempt: str | None = None,
+        digest: str | None = None,
+        dedup: bool = False,
     ) -> None:
         """``attempt`` (12 hex digits) names this attempt's staging place; a random one by default.
         ``sync`` passes one derived from the source manifest, so a re-run finds what an
         interrupted run already copied. ``digest`` (``blake3`` or ``sha256``) is how the files
         written here are hashed; None is the site's ``CKPTKIT_DIGEST`` or BLAKE3. An unknown
-        name is a ValueError, raised before anything is written."""
+        name is a ValueError, raised before anything is written. ``dedup`` stores each file's
+        bytes once in ``root``'s blob store, shared with every checkpoint there that has them
+        (:mod:`ckptkit.blobs`)."""
         self.digest = choose_algorithm(digest)
         self.root = root
         self.name = validate_path(name)
@@ -157,11 +229,15 @@ class CheckpointTransaction:
         # Where this attempt's files live, relative to root.
         self.attempt_key = join_key(self._staging_key, self.data_prefix)
         self.files: Store = root.child(self.attempt_key)
-        self._recorder = FileRecorder(self.files, self.data_prefix, digest=self.digest)
+        self.dedup = DedupFiles(root, self.attempt_key, attempt) if dedup else None
+        self._recorder = FileRecorder(self.files, self.data_prefix, digest=self.digest, dedup=self.dedup)
 
-    def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> FileEntry:
-        """Stream one file into the checkpoint, hashing it on the way. Thread-safe."""
-        return self._recorder.write(path, data)
+    def write(
+        self, path: str, data: bytes | Iterable[bytes | memoryview], *, digest: FileDigest | None = None
+    ) -> FileEntry:
+        """Stream one file into the checkpoint, hashing it on the way. Thread-safe. ``digest``:
+        see :meth:`FileRecorder.write`."""
+        return self._recorder.write(path, data, digest=digest)
 
     def add_entries(self, entries: Iterable[FileEntry]) -> None:
         """Record files that other processes (ranks) wrote into ``files`` and hashed."""
@@ -183,6 +259,7 @@ class CheckpointTransaction:
             topology=topology,
             metadata=metadata,
             metrics=metrics,
+            blob_store=blob_store_of(self.name),
         )
         self.commit_manifest(manifest)
         return manifest
@@ -202,12 +279,20 @@ class CheckpointTransaction:
                 f"{self.root.url}/{self.name}: another writer committed this checkpoint first"
             ) from exc
         self._done = True
+        self._unpin()  # committed: the manifest protects its blobs now
 
     def abort(self) -> None:
         if self._done:
             return
         self._done = True
-        self.root.delete_prefix(self.attempt_key)
+        try:
+            self.root.delete_prefix(self.attempt_key)
+        finally:
+            self._unpin()  # the blobs written for nothing are the next sweep's to delete
+
+    def _unpin(self) -> None:
+        if self.dedup is not None:
+            self.dedup.writer.close()
 
     def __enter__(self) -> CheckpointTransaction:
         return self

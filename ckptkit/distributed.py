@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ckptkit.commit import CheckpointTransaction, FileRecorder
+from ckptkit.blobs import DedupFiles
+from ckptkit.commit import CheckpointTransaction, FileRecorder, attempt_id
 from ckptkit.errors import CkptkitError
 from ckptkit.errors import TopologyMismatchError as TopologyMismatchError  # its documented home
 from ckptkit.hashing import choose_algorithm
@@ -130,17 +131,23 @@ class SharedAttempt:
     data_prefix: str  # the attempt prefix inside the checkpoint ("" for local staging)
     transaction: CheckpointTransaction | None  # rank 0 only
     digest: str  # the algorithm every rank hashes its files with (rank 0's choice)
+    dedup: DedupFiles | None = None  # this rank's blob side, when the save deduplicates
 
     @property
     def where(self) -> str:
         return f"{self.root.url}/{self.name}"
 
     def sink(self, prefix: str = "") -> AttemptSink:
-        return AttemptSink(self.files, self.data_prefix, prefix, digest=self.digest)
+        return AttemptSink(self.files, self.data_prefix, prefix, digest=self.digest, dedup=self.dedup)
+
+    def unpin(self) -> None:
+        """Drop this rank's pins: once the commit is decided, either way (``ckptkit.blobs``)."""
+        if self.dedup is not None:
+            self.dedup.writer.close()
 
 
 def open_shared_attempt(
-    group: CommitGroup, root: Store, name: str, *, digest: str | None = None
+    group: CommitGroup, root: Store, name: str, *, digest: str | None = None, dedup: bool = False
 ) -> SharedAttempt:
     """Start a save of checkpoint ``name`` that every rank writes into (collective).
 
@@ -156,7 +163,7 @@ def open_shared_attempt(
     failure: Exception | None = None
     if group.rank == 0:
         try:
-            transaction = CheckpointTransaction(root, name, digest=digest)
+            transaction = CheckpointTransaction(root, name, digest=digest, dedup=dedup)
             opened = (transaction.attempt_key, transaction.data_prefix, transaction.digest)
         except Exception as exc:  # every rank must learn of it, or the others would wait
             failure = exc
@@ -167,7 +174,11 @@ def open_shared_attempt(
     if isinstance(opened, str):
         raise DistributedCommitError(f"{root.url}/{name}: cannot start the save on rank 0: {opened}")
     files_key, data_prefix, algorithm = opened
-    return SharedAttempt(root, name, root.child(files_key), data_prefix, transaction, algorithm)
+    if transaction is not None:
+        blobs = transaction.dedup
+    else:  # each rank pins what it writes; the attempt id names the pins
+        blobs = DedupFiles(root, files_key, attempt_id(files_key)) if dedup else None
+    return SharedAttempt(root, name, root.child(files_key), data_prefix, transaction, algorithm, blobs)
 
 
 # Rank 0's commit step: given the transaction (all ranks' entries added) and every rank's

@@ -194,6 +194,31 @@ class VerificationError(CkptkitError):
         self.findings = findings
 
 
+class AttestationError(CkptkitError):
+    """The loaded, live state is not the saved state (``ckptkit.attest``); ``differences`` names
+    every tensor or field that differs."""
+
+    exit_code = EXIT_FINDINGS
+
+    def __init__(self, message: str, *, checkpoint: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.differences = differences
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword-only fields: pickled for multiprocessing
+        return (_rebuild_attestation_error, (str(self), self.checkpoint, self.differences))
+
+
+def _rebuild_attestation_error(message: str, checkpoint: str, differences: list[str]) -> AttestationError:
+    return AttestationError(message, checkpoint=checkpoint, differences=differences)
+
+
+class NotThinnableError(CkptkitError, ValueError):
+    """A checkpoint that thinning cannot make smaller as asked (``ckptkit thin``): a kept key it
+    lacks, a layout whose weights live in the optimizer's files (ZeRO-3), a layout with no
+    separable state. Nothing was changed."""
+
+
 # --- the native format ---------------------------------------------------------------------
 
 

@@ -9,15 +9,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ckptkit.api import DEFAULT_MAX_SHARD_SIZE, load_from, save_to, start_save_to
 from ckptkit.async_save import BackgroundSaver, SaveHandle
+from ckptkit.blobs import sweep
 from ckptkit.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest
 from ckptkit.commit import delete_checkpoint, step_dir_name
 from ckptkit.distributed import DEFAULT_TIMEOUT_S, world
-from ckptkit.errors import IncompleteListingError, NotCommittedError
+from ckptkit.errors import IncompleteListingError, NotCommittedError, NotThinnableError
 from ckptkit.hashing import choose_algorithm
+from ckptkit.ops.thin import thin_checkpoint
 from ckptkit.retention import RetentionPolicy
 from ckptkit.storage import Store, open_store
 
 if TYPE_CHECKING:
+    from ckptkit.attest_core import AttestReport
     from ckptkit.mirror import Mirror, MirrorStatus
 
 log = logging.getLogger(__name__)
@@ -30,8 +33,13 @@ class CheckpointManager:
     checkpoint being written, never one already committed. Retention: ``keep_last``,
     ``keep_every``, ``keep_best`` (+ ``best_mode``), or a :class:`RetentionPolicy` as
     ``retention``; a checkpoint is kept if any rule keeps it, and the newest and the best are
-    never deleted (metrics come from ``save(..., metrics=...)``). ``digest`` is how files are
-    hashed into each manifest, as for :func:`ckptkit.save`.
+    never deleted (metrics come from ``save(..., metrics=...)``). ``keep_optimizer_last=K``
+    thins the kept checkpoints older than the K newest to ``thin_keep`` (default ``("model",)``)
+    top-level keys in place (:func:`ckptkit.ops.thin.thin_checkpoint`): they stay loadable but
+    cannot resume, and ``restore()`` picks the newest resumable one. ``digest`` is how files are
+    hashed into each manifest, as for :func:`ckptkit.save`. ``dedup=True`` stores each file's
+    bytes once in the root's blob store, as for :func:`ckptkit.save`: an unchanged tensor (a
+    frozen base model) is neither written nor mirrored again.
 
     ``mirror="s3://bucket/run"`` uploads each committed checkpoint there in the background, in
     a niced child process (``save`` waits only for the local commit); retention deletes at the
@@ -64,19 +72,30 @@ class CheckpointManager:
         jobs: int = 4,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         digest: str | None = None,
+        dedup: bool = False,
+        keep_optimizer_last: int | None = None,
+        thin_keep: Sequence[str] | None = None,
         **storage_options: Any,
     ) -> None:
-        rules = {"keep_last": keep_last, "keep_every": keep_every, "keep_best": keep_best}
+        rules = {
+            "keep_last": keep_last, "keep_every": keep_every, "keep_best": keep_best,
+            "keep_optimizer_last": keep_optimizer_last, "thin_keep": thin_keep,
+        }
         if retention is not None and any(v is not None for v in rules.values()):
-            raise ValueError("give either retention= or keep_last/keep_every/keep_best, not both")
-        self.retention = retention or RetentionPolicy(**rules, best_mode=best_mode)
+            raise ValueError(
+                "give either retention= or keep_last/keep_every/keep_best/keep_optimizer_last, not both"
+            )
+        self.retention = retention or RetentionPolicy.from_kwargs(**rules, best_mode=best_mode)
         self.root = open_store(root_url, **storage_options)
         self.max_shard_size = max_shard_size
         self.jobs = jobs
         self.timeout_s = timeout_s
         # As for ckptkit.save: "blake3" or "sha256"; None defers to CKPTKIT_DIGEST at each save.
         self.digest = None if digest is None else choose_algorithm(digest)
+        self.dedup = dedup
         self._saver = BackgroundSaver(f"ckptkit-save {self.root.url}")
+        self.last_restored: str | None = None  # the checkpoint attest() compares with by default
+        self._unthinnable: set[str] = set()  # warned of once, then left as they are
         self.mirror: Mirror | None = None
         # Under torch.distributed every rank saves its shard and gets the same manifest back;
         # rank 0 alone deletes and uploads (see _is_leader).
@@ -115,7 +134,7 @@ class CheckpointManager:
         options: dict[str, Any] = {
             "step": step, "metadata": metadata, "metrics": metrics,
             "max_shard_size": self.max_shard_size, "jobs": self.jobs, "replicated": replicated,
-            "timeout_s": self.timeout_s, "digest": self.digest,
+            "timeout_s": self.timeout_s, "digest": self.digest, "dedup": self.dedup,
         }
         if not blocking:
             return start_save_to(
@@ -149,7 +168,7 @@ class CheckpointManager:
         return False
 
     def _apply_retention(self) -> None:
-        if not self.retention.has_rules:
+        if not self.retention.has_rules and not self.retention.thins:
             return
         uploading = self.mirror.pending() if self.mirror is not None else set()
         try:
@@ -159,12 +178,52 @@ class CheckpointManager:
             # nothing is deleted until the root lists completely again.
             log.warning("retention skipped: %s", exc)
             return
-        for info in self.retention.select_expired(committed):
+        deleted = 0
+        expired = self.retention.select_expired(committed)
+        for info in expired:
             if info.name in uploading:
                 continue  # deleted by a later pass, once the mirror has it
             delete_checkpoint(self.root, info.name)
+            deleted += 1
             if self.mirror is not None:
                 self.mirror.remove(info.name)
+        thinned = self._thin(committed, expired, uploading)
+        if deleted or thinned:
+            self._release_blobs()
+
+    def _thin(
+        self, committed: list[CheckpointInfo], expired: list[CheckpointInfo], uploading: set[str]
+    ) -> int:
+        """Thin what ``keep_optimizer_last`` leaves behind (the blobs they dropped go with the
+        caller's sweep); how many were thinned. One that cannot be (a state without the kept
+        keys) is warned of once and left whole."""
+        count = 0
+        for info in self.retention.select_thinned(committed, expired):
+            if info.name in uploading or info.name in self._unthinnable:
+                continue  # an upload reads the files thinning drops: a later pass thins it
+            try:
+                report = thin_checkpoint(self.root, info.name, keep=self.retention.thin_keep, sweep=False)
+            except NotThinnableError as exc:
+                self._unthinnable.add(info.name)
+                log.warning("retention: not thinning %s: %s", info.name, exc)
+                continue
+            if report.changed:
+                count += 1
+                log.info("retention: thinned %s to %s", info.url, ", ".join(report.kept))
+                if self.mirror is not None:
+                    self.mirror.thin(info.name, self.retention.thin_keep)  # the bucket's copy too
+        return count
+
+    def _release_blobs(self) -> None:
+        """Delete the blobs that the checkpoints just deleted (or thinned) alone referenced, by
+        the blob protocol: never one that another checkpoint or a save in flight needs."""
+        try:
+            swept = sweep(self.root)
+        except IncompleteListingError as exc:
+            log.warning("blob sweep skipped: %s", exc)  # an unseen manifest could need any blob
+            return
+        if swept.skipped:
+            log.info("blob sweep: %s", swept.skipped)
 
     def mirror_status(self) -> MirrorStatus | None:
         """What the background mirror has uploaded, has pending and failed; None without one."""
@@ -189,21 +248,51 @@ class CheckpointManager:
         map_location: Any = None,
         mmap: bool = True,
     ) -> Any:
-        """Load checkpoint ``step`` (the latest committed one by default; a save in flight is
-        not committed yet: ``wait()`` first to restore it)."""
+        """Load checkpoint ``step`` (by default the newest resumable one: not thinned to weights
+        only; a save in flight is not committed yet: ``wait()`` first to restore it)."""
         name = self._restore_name(step)
         return load_from(self.root.child(name), keys=keys, map_location=map_location, mmap=mmap)
 
     def _restore_name(self, step: int | None) -> str:
-        """The checkpoint a restore reads: ``step``'s, else the newest committed one; a failure
-        of the save in flight nobody has been told of is raised first."""
+        """The checkpoint a restore reads: ``step``'s, else the newest resumable one (thinned,
+        weights-only checkpoints are passed over; which one is logged); a failure of the save
+        in flight nobody has been told of is raised first."""
         self._saver.raise_failure()
         if step is not None:
-            return step_dir_name(step)
-        info = self.latest()
-        if info is None:
-            raise NotCommittedError(f"{self.root.url}: no committed checkpoint to restore")
+            self.last_restored = step_dir_name(step)
+            return self.last_restored
+        committed = self.list()
+        resumable = [c for c in committed if c.resumable]
+        if not resumable:
+            why = f" ({len(committed)} thinned to weights only; restore(step=N) loads one)"
+            raise NotCommittedError(
+                f"{self.root.url}: no resumable checkpoint to restore{why if committed else ''}"
+            )
+        info = resumable[-1]
+        newer = "" if info is committed[-1] else " (newer ones are thinned to weights only)"
+        log.info("restore: %s, the newest resumable checkpoint%s", info.url, newer)
+        self.last_restored = info.name
         return info.name
+
+    def attest(
+        self,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        *,
+        step: int | None = None,
+        strict: bool = True,
+    ) -> AttestReport:
+        """:func:`ckptkit.attest` against checkpoint ``step``, by default the one last restored:
+        call it once the restored state is loaded into the live objects (``restore`` hands back
+        the state, so only the caller knows when that is)."""
+        from ckptkit.attestation import attest
+
+        name = step_dir_name(step) if step is not None else self.last_restored
+        if name is None:
+            raise ValueError("attest: nothing restored yet; pass step=")
+        return attest(self.root.child(name), model, optimizer, scheduler, scaler, strict=strict)
 
     # --- DCP checkpoints: torch.distributed.checkpoint, stored and committed by ckptkit -----------
 

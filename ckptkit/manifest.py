@@ -10,11 +10,15 @@ Each file's digest names its algorithm (``blake3-tree:…``, ``sha256-tree:…``
 knows SHA-256 only; version 2 lets every file name its own. A manifest whose files are all
 SHA-256 is still written as version 1, so that a ckptkit from before version 2 reads it; any
 other is version 2, which such a ckptkit refuses as "newer, upgrade" instead of misreading it.
+Version 3 adds deduplicated files: an entry with a ``blob`` key lies in the root's shared,
+content-addressed blob store (``blob_store``, relative to the checkpoint), not at its path.
+Only a manifest with such an entry is written as version 3.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import platform
 import re
@@ -29,13 +33,22 @@ from ckptkit.hashing import ALGORITHMS, CHUNK_SIZE, SHA256_TREE, FileDigest
 
 MANIFEST_NAME = "ckptkit-manifest.json"
 FORMAT_NAME = "ckptkit.manifest"
-SCHEMA_VERSION = 2  # the newest this ckptkit reads and writes
+SCHEMA_VERSION = 3  # the newest this ckptkit reads and writes
 SHA256_ONLY_VERSION = 1  # before per-file algorithms: every digest is sha256-tree
+PER_FILE_ALGORITHM_VERSION = 2  # each file's digest names its algorithm
+BLOBS_VERSION = 3  # files may lie in the root's blob store
+BLOB_DIR = ".ckptkit-blobs"  # the blob store: a hidden directory of the root, never a checkpoint
 LAYOUTS = ("native", "deepspeed", "hf-trainer", "dcp", "files")
 
 _DIGEST_RE = re.compile(r"(?P<algorithm>[a-z0-9][a-z0-9-]*):[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
+# <algorithm>/<first 2 hex>/<64 hex>, and a copy of the same bytes under its own name (a writer
+# that met a running gc writes one: blobs.py) with a 12-hex suffix.
+_BLOB_KEY_RE = re.compile(
+    r"(?P<algorithm>[a-z0-9-]+)/(?P<fan>[0-9a-f]{2})/(?P<hex>[0-9a-f]{64})(\.[0-9a-f]{12})?"
+)
+_BLOB_STORE_RE = re.compile(r"(\.\./)+" + re.escape(BLOB_DIR))
 _MAX_PATH = 4096
 # JSON levels a manifest may nest (its own object is level 1, ``metadata`` level 2): far more
 # than any real metadata, far less than where json and the walkers of a manifest run out of stack.
@@ -66,18 +79,37 @@ def validate_path(path: object) -> str:
     return path
 
 
+def blob_key(digest: str, copy: str | None = None) -> str:
+    """Where the blob store keeps a file's bytes: named by its digest (``blake3-tree/ab/ab…``),
+    or, for a ``copy`` (12 hex digits), by its digest and that suffix."""
+    algorithm, _, hex_digest = digest.partition(":")
+    key = f"{algorithm}/{hex_digest[:2]}/{hex_digest}"
+    return f"{key}.{copy}" if copy else key
+
+
+def blob_store_of(name: str) -> str:
+    """The blob store relative to a checkpoint named ``name`` (``a/b``: ``../../.ckptkit-blobs``):
+    the root's, shared by every checkpoint below it."""
+    return "../" * len(validate_path(name).split("/")) + BLOB_DIR
+
+
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a checkpoint, relative to the checkpoint root."""
+    """One file of a checkpoint, relative to the checkpoint root.
+
+    ``blob`` (schema version 3) is the key of the file's bytes in the root's blob store when the
+    file is deduplicated; its bytes then lie there, shared with every checkpoint that lists it.
+    """
 
     path: str
     size: int
     digest: str
     chunks: tuple[str, ...]
+    blob: str | None = None
 
     @classmethod
-    def from_digest(cls, path: str, digest: FileDigest) -> FileEntry:
-        return cls(validate_path(path), digest.size, digest.digest, digest.chunks)
+    def from_digest(cls, path: str, digest: FileDigest, *, blob: str | None = None) -> FileEntry:
+        return cls(validate_path(path), digest.size, digest.digest, digest.chunks, blob)
 
     @property
     def algorithm(self) -> str:
@@ -85,18 +117,27 @@ class FileEntry:
         return self.digest.partition(":")[0]
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "digest": self.digest, "chunks": list(self.chunks)}
+        entry = {"path": self.path, "size": self.size, "digest": self.digest, "chunks": list(self.chunks)}
+        if self.blob is not None:
+            entry["blob"] = self.blob
+        return entry
 
 
 def producer_versions() -> dict[str, str | None]:
     """Versions of the software that wrote a checkpoint, read without importing it."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str | None], ...]:
+    # Read once per process: the package metadata scan costs ~7 ms, at every save otherwise.
+    versions: list[tuple[str, str | None]] = [("python", platform.python_version())]
     for package in ("ckptkit", "torch", "deepspeed", "transformers"):
         try:
-            versions[package] = importlib_metadata.version(package)
+            versions.append((package, importlib_metadata.version(package)))
         except importlib_metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+            versions.append((package, None))
+    return tuple(versions)
 
 
 def utc_now() -> str:
@@ -117,6 +158,7 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     chunk_size: int = CHUNK_SIZE
+    blob_store: str | None = None  # relative to the checkpoint; set when a file is a blob
 
     @classmethod
     def create(
@@ -128,6 +170,7 @@ class Manifest:
         topology: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
+        blob_store: str | None = None,
     ) -> Manifest:
         manifest = cls(
             checkpoint_id=uuid.uuid4().hex,
@@ -139,6 +182,7 @@ class Manifest:
             topology=topology,
             metadata=dict(metadata or {}),
             metrics=dict(metrics or {}),
+            blob_store=blob_store if any(f.blob is not None for f in files) else None,
         )
         # Validate on write exactly as on read, so a manifest we commit is one we can read.
         return parse_manifest(manifest.to_bytes())
@@ -149,10 +193,18 @@ class Manifest:
 
     @property
     def schema_version(self) -> int:
-        """1 while every file is SHA-256, so older readers still read it; else 2."""
+        """The lowest version that says what this manifest holds, so that older readers read
+        it: 3 with a blob, else 1 while every file is SHA-256, else 2."""
+        if self.blob_store is not None:
+            return BLOBS_VERSION
         if all(f.algorithm == SHA256_TREE for f in self.files):
             return SHA256_ONLY_VERSION
-        return SCHEMA_VERSION
+        return PER_FILE_ALGORITHM_VERSION
+
+    @property
+    def blobs(self) -> tuple[FileEntry, ...]:
+        """The files whose bytes lie in the blob store."""
+        return tuple(f for f in self.files if f.blob is not None)
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
@@ -171,6 +223,7 @@ class Manifest:
             "producer": self.producer,
             "digest": self._digest_json(),
             "files": [f.to_json() for f in self.files],
+            **({"blob_store": self.blob_store} if self.blob_store is not None else {}),
             "topology": self.topology,
             "metadata": self.metadata,
             "metrics": self.metrics,
@@ -236,7 +289,22 @@ def _parse_file(raw: object, index: int, chunk_size: int, version: int) -> FileE
         raise ManifestError(
             f"{path}: {len(chunks)} chunk digests for {size} bytes (expected {expected_chunks})"
         )
-    return FileEntry(path, size, digest, tuple(chunks))
+    return FileEntry(path, size, digest, tuple(chunks), _parse_blob(raw, path, digest, version))
+
+
+def _parse_blob(raw: dict[str, Any], path: str, digest: str, version: int) -> str | None:
+    """A blob key names its file's bytes by their digest, so it must be this file's digest:
+    a manifest cannot point one path at another file's bytes."""
+    if "blob" not in raw:
+        return None
+    blob = raw["blob"]
+    if version < BLOBS_VERSION:
+        raise ManifestError(f"{path}: 'blob' in a schema version {version} manifest (blobs are version 3)")
+    if not isinstance(blob, str) or not (match := _BLOB_KEY_RE.fullmatch(blob)):
+        raise ManifestError(f"{path}: blob {blob!r} is not '<algorithm>/<2 hex>/<64 hex>[.<12 hex>]'")
+    if blob_key(digest) != f"{match['algorithm']}/{match['fan']}/{match['hex']}":
+        raise ManifestError(f"{path}: blob {blob!r} does not name the file's digest {digest}")
+    return blob
 
 
 def _refuse_constant(name: str) -> None:
@@ -285,6 +353,14 @@ def parse_manifest(data: bytes) -> Manifest:
         if entry.path == MANIFEST_NAME:
             raise ManifestError(f"manifest lists itself ({MANIFEST_NAME})")
         seen.add(entry.path)
+    blob_store = obj.get("blob_store")
+    if any(entry.blob is not None for entry in files):
+        if not isinstance(blob_store, str) or not _BLOB_STORE_RE.fullmatch(blob_store):
+            raise ManifestError(
+                f"manifest blob_store {blob_store!r} is not '../' repeated, then {BLOB_DIR!r}"
+            )
+    elif blob_store is not None:
+        raise ManifestError("manifest has a blob_store but no file in it")
     topology = obj.get("topology")
     if topology is not None and not isinstance(topology, dict):
         raise ManifestError("manifest topology must be an object or null")
@@ -304,4 +380,5 @@ def parse_manifest(data: bytes) -> Manifest:
         metadata=_require(obj, "metadata", dict),
         metrics={k: float(v) for k, v in metrics.items()},
         chunk_size=chunk_size,
+        blob_store=blob_store,
     )

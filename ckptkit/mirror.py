@@ -2,7 +2,9 @@
 
 Training waits only for the local commit. One worker thread then copies each checkpoint with
 ``sync`` (so the remote commits it the same way: data first, manifest last, and a killed upload
-leaves no committed checkpoint there), deletes at the remote what retention deleted locally, and
+leaves no committed checkpoint there; a deduplicated checkpoint's blobs go up once each, into
+the remote root's blob store), deletes at the remote what retention deleted locally (then sweeps
+the remote's blob store, so only blobs that nothing there names go: :func:`delete_at_target`), and
 keeps a status that says what is uploaded, pending and failed. Each upload runs in a child
 process at a lower CPU priority (:mod:`ckptkit.mirror_worker`), so its hashing and request
 signing never contend with training for the GIL; stores that exist only in this process
@@ -28,16 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints
-from ckptkit.commit import delete_checkpoint
 from ckptkit.errors import CkptkitError
+from ckptkit.mirror_worker import delete_at_target, thin_at_target
 from ckptkit.ops.sync import DEFAULT_JOBS, Syncer, SyncTarget
 from ckptkit.retention import RetentionPolicy, candidate, order_candidates
 from ckptkit.storage import Store, open_store
-from ckptkit.transfer import RetryPolicy, with_retries
+from ckptkit.transfer import RetryPolicy
 
 log = logging.getLogger("ckptkit.mirror")
 
-_Job = tuple[Literal["upload", "delete", "catch-up", "stop"], str]
+_Job = tuple[Literal["upload", "delete", "thin", "catch-up", "stop"], str]
 
 
 class MirrorError(CkptkitError):
@@ -102,6 +104,7 @@ class Mirror:
         self._status = MirrorStatus(self.target.url)
         self._failed_jobs: dict[str, _Job] = {}  # what to try again, by the key in status.failed
         self._retention: RetentionPolicy | None = None  # what a catch-up reconciles deletions by
+        self._thin_keep: dict[str, tuple[str, ...]] = {}  # what each "thin" job keeps
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="ckptkit-mirror", daemon=True)
         self._thread.start()
@@ -126,6 +129,13 @@ class Mirror:
     def remove(self, name: str) -> None:
         """Delete checkpoint ``name`` at the remote (retention deleted it locally)."""
         self._put(("delete", name))
+
+    def thin(self, name: str, keep: Sequence[str]) -> None:
+        """Thin checkpoint ``name`` at the remote to the top-level ``keep`` (retention's
+        ``keep_optimizer_last`` thinned it locally), releasing what it alone named there."""
+        with self._lock:
+            self._thin_keep[name] = tuple(keep)
+        self._put(("thin", name))
 
     def catch_up(self, retention: RetentionPolicy | None = None) -> None:
         """Upload every committed checkpoint of ``source`` that the remote lacks or holds only
@@ -220,7 +230,15 @@ class Mirror:
         answer = self._in_process(kind, name) if self._process_spec else self._in_thread(kind, name)
         if "error" in answer:
             raise CkptkitError(answer["error"]["message"])
+        if "thinned" in answer:
+            with self._lock:
+                self._succeed(name)
+            return
         if "deleted" in answer:
+            released = answer.get("released") or {}
+            if released.get("skipped"):  # garbage left for the next sweep, not a failure
+                log.info("blobs at %s not released after deleting %s: %s", self.target.url, name,
+                         released["skipped"])
             with self._lock:
                 self._status.deleted.append(name)
                 self._succeed(name)
@@ -242,8 +260,9 @@ class Mirror:
 
     def _in_thread(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "delete":
-            with_retries(lambda: delete_checkpoint(self.target, name), self.retry, f"deleting {name}")
-            return {"deleted": name}
+            return delete_at_target(self.target, name, self.retry)
+        if kind == "thin":
+            return thin_at_target(self.target, name, self._thin_keep[name], self.retry)
         syncer = Syncer(SyncTarget(self.source, self.target, (name, name)), jobs=self.jobs, retry=self.retry)
         return {"report": syncer.run().to_json()}
 
@@ -252,6 +271,7 @@ class Mirror:
         job = {
             "kind": kind,
             "name": name,
+            "keep": list(self._thin_keep.get(name, ())),
             **self._process_spec,
             "jobs": self.jobs,
             "retry": [self.retry.attempts, self.retry.base_delay, self.retry.max_delay],

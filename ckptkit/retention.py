@@ -10,7 +10,9 @@ checkpoint survives however old it is.
 :meth:`RetentionPolicy.select_expired` takes :class:`~ckptkit.catalog.CheckpointInfo` from a
 listing; :meth:`RetentionPolicy.expired_names` takes plain ``(name, step, metrics)`` tuples, for
 callers that do not hold manifests (an HF Trainer callback looking at ``checkpoint-N``
-directories). Nothing here deletes: callers delete, and only after their new checkpoint committed.
+directories). :meth:`RetentionPolicy.select_thinned` names the kept ones to thin to weights only
+(``keep_optimizer_last``). Nothing here deletes or thins: callers do, and only after their new
+checkpoint committed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class RetentionPolicy:
     ``keep_best``: the ``keep_best_count`` checkpoints with the lowest (``best_mode="min"``) or
     highest (``"max"``) value of that metric; checkpoints without the metric, or with a NaN or
     infinite value, are never "best" but other rules may keep them.
+
+    ``keep_optimizer_last``: of the checkpoints kept, the K newest stay resumable and the older
+    ones are thinned to ``thin_keep`` (top-level keys of a native state; ``"model"`` keeps an HF
+    or DeepSpeed checkpoint's weights), once each (:meth:`select_thinned`; the caller thins,
+    with :func:`ckptkit.ops.thin.thin_checkpoint`).
     """
 
     keep_last: int | None = None
@@ -54,11 +61,18 @@ class RetentionPolicy:
     keep_best: str | None = None
     best_mode: Literal["min", "max"] = "min"
     keep_best_count: int = 1
+    keep_optimizer_last: int | None = None
+    thin_keep: tuple[str, ...] = ("model",)
 
     def __post_init__(self) -> None:
         _check_count("keep_last", self.keep_last, "the newest checkpoint is always kept")
         _check_count("keep_every", self.keep_every, "a step interval")
         _check_count("keep_best_count", self.keep_best_count, "keep_best=None keeps no best", optional=False)
+        _check_count("keep_optimizer_last", self.keep_optimizer_last, "the newest stays resumable")
+        keep = self.thin_keep
+        if isinstance(keep, str) or not keep or not all(isinstance(k, str) and k for k in keep):
+            raise ValueError(f"thin_keep must name one or more top-level keys, got {keep!r}")
+        object.__setattr__(self, "thin_keep", tuple(keep))  # a list from configuration, frozen
         if self.keep_best is not None and (not isinstance(self.keep_best, str) or not self.keep_best):
             raise ValueError(f"keep_best must be a metric name (a non-empty string), got {self.keep_best!r}")
         if self.best_mode not in BEST_MODES:
@@ -78,12 +92,22 @@ class RetentionPolicy:
 
     @property
     def has_rules(self) -> bool:
+        """Whether any rule deletes checkpoints (thinning is :attr:`thins`)."""
         return self.keep_last is not None or self.keep_every is not None or self.keep_best is not None
+
+    @property
+    def thins(self) -> bool:
+        """Whether older checkpoints are thinned to ``thin_keep`` (``keep_optimizer_last``)."""
+        return self.keep_optimizer_last is not None
 
     def describe(self) -> str:
         """One line for logs: ``keep_last=3, keep_every=1000, keep_best=eval_loss (min, top 1)``."""
+        thinning = (
+            f"; older than the {self.keep_optimizer_last} newest thinned to {', '.join(self.thin_keep)}"
+            if self.thins else ""
+        )
         if not self.has_rules:
-            return "keep everything (no retention rule)"
+            return "keep everything (no retention rule)" + thinning
         rules = []
         if self.keep_last is not None:
             rules.append(f"keep_last={self.keep_last}")
@@ -91,13 +115,26 @@ class RetentionPolicy:
             rules.append(f"keep_every={self.keep_every}")
         if self.keep_best is not None:
             rules.append(f"keep_best={self.keep_best} ({self.best_mode}, top {self.keep_best_count})")
-        return ", ".join(rules) + "; the newest is always kept"
+        return ", ".join(rules) + "; the newest is always kept" + thinning
 
     def select_expired(self, committed: Sequence[CheckpointInfo]) -> list[CheckpointInfo]:
         """The committed checkpoints this policy deletes, oldest first. Uncommitted entries are
         neither kept nor expired here: they are ``gc``'s business, not retention's."""
         infos = {c.name: c for c in committed if c.committed}
         return [infos[name] for name in self.expired_names([candidate(c) for c in infos.values()])]
+
+    def select_thinned(
+        self, committed: Sequence[CheckpointInfo], expired: Iterable[CheckpointInfo] = ()
+    ) -> list[CheckpointInfo]:
+        """The committed checkpoints to thin, oldest first: of those not ``expired``, all but
+        the ``keep_optimizer_last`` newest, except those already thinned (never thinned twice)."""
+        if self.keep_optimizer_last is None:
+            return []
+        gone = {c.name for c in expired}
+        infos = {c.name: c for c in committed if c.committed and c.name not in gone}
+        ordered = order_candidates([candidate(c) for c in infos.values()])
+        older = ordered[: max(0, len(ordered) - self.keep_optimizer_last)]
+        return [infos[c.name] for c in older if infos[c.name].resumable is not False]
 
     def expired_names(self, candidates: Iterable[Candidate | tuple[Any, ...]]) -> list[str]:
         """Names of the checkpoints this policy deletes, oldest first.

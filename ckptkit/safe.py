@@ -39,21 +39,11 @@ from ckptkit.pickle.policy import (
     unsafe_names,
     unvetted_globals,
 )
+from ckptkit.pickle.registered import DEEPSPEED_GLOBALS, NUMPY_GLOBALS
+from ckptkit.pickle.registered import NUMPY_CORES as _NUMPY_CORES
 from ckptkit.pickle.values import GlobalRef
 from ckptkit.storage import Store
 from ckptkit.storage.target import resolve_target
-
-# The vetted classes torch.load needs beyond its defaults, by import path (module, name).
-DEEPSPEED_GLOBALS = (
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-    ("deepspeed.utils.tensor_fragment", "fragment_address"),
-)
-# numpy's RNG state (np.random.get_state(), HF rng_state.pth): the array, its dtype and the
-# dtype's class, which weights_only checks when BUILD sets the dtype's state.
-NUMPY_GLOBALS = (("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.dtypes", "UInt32DType"))
-_NUMPY_CORES = ("numpy._core.multiarray", "numpy.core.multiarray")  # numpy >= 2, numpy < 2
 
 _ZERO_STAGE = "deepspeed.runtime.zero.config.ZeroStageEnum"
 _RESTORED_CLASSES = frozenset(
@@ -172,22 +162,27 @@ def safe_load(
     key = target.key
     if key is None:
         raise FormatError(f"{path_or_url}: safe_load reads one file, and this is a directory")
+    return safe_load_key(target.store, key, map_location)
+
+
+def safe_load_key(store: Store, key: str, map_location: Any = None) -> Any:
+    """:func:`safe_load` of file ``key`` of an open store (a checkpoint's files)."""
     try:
-        torch_file = read_torch_file(target.store, key)
+        torch_file = read_torch_file(store, key)
     except PickleFormatError as exc:
         # A broken pickle that named a payload before breaking is refused for the payload.
         _refuse(key, unsafe_names(exc.globals), exc)
         raise
     except FormatError as exc:
         # Not a torch.save file; if another loader would meet a payload in it, say so.
-        _refuse(key, unsafe_names(scan_file(target.store, key).globals), exc)
+        _refuse(key, unsafe_names(scan_file(store, key).globals), exc)
         raise
     _refuse(key, unvetted_globals(torch_file.globals, torch_file.value))
     if torch_file.problems:
         raise FormatError(f"{key}: not loaded, the file is inconsistent: " + "; ".join(torch_file.problems))
-    builder = _Builder(target.store, key, map_location, torch_file.archive)
+    builder = _Builder(store, key, map_location, torch_file.archive)
     value = builder.build(torch_file.value)
-    _check_unread_records(target.store, torch_file, builder.crc_checked)
+    _check_unread_records(store, torch_file, builder.crc_checked)
     return value
 
 

@@ -45,6 +45,7 @@ class Scenario:
     zero_stage: int = 2
     blocking: bool = True  # False: save_checkpoint(blocking=False); kill_tag then kills in the background
     background_delay_s: float = 0.0  # non-blocking: each background save first sleeps this long
+    dedup: bool = False  # use_ckptkit(dedup=True): files stored once in the root's blob store
 
 
 def _ds_config(stage: int = 2) -> dict[str, Any]:
@@ -159,7 +160,10 @@ def _train(rank: int, scenario: Scenario, result: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=_ds_config(scenario.zero_stage)
     )
-    checkpoint_engine = use_ckptkit(engine, scenario.root, timeout_s=COMMIT_TIMEOUT_S)
+    # A resume attests what it loaded (ckptkit.attest): AttestationError on any difference.
+    checkpoint_engine = use_ckptkit(
+        engine, scenario.root, timeout_s=COMMIT_TIMEOUT_S, attest=scenario.resume, dedup=scenario.dedup
+    )
 
     if not scenario.blocking:
         _slow_and_kill_in_background(checkpoint_engine, rank, scenario)

@@ -119,7 +119,9 @@ def test_save_commits_one_manifest_with_every_files_digest_and_loads_bit_exact(t
 
     checkpoint = tmp_path / "run" / "step-7"
     manifest = read_manifest(open_store(checkpoint))
-    assert manifest.layout == "dcp" and manifest.step == 7 and manifest.metadata == {"who": "test"}
+    assert manifest.layout == "dcp" and manifest.step == 7
+    lineage = manifest.metadata["lineage"]
+    assert manifest.metadata == {"who": "test", "lineage": {**lineage, "data": {"global_step": 7}}}
     assert writer.manifest == manifest
     assert sorted(e.path for e in manifest.files) == [".metadata", "__0_0.distcp", "__0_1.distcp"]
     for entry in manifest.files:  # hashed while written: equal to a digest of the bytes on disk
@@ -297,6 +299,9 @@ def test_manager_drives_dcp_checkpoints_with_retention_and_restore(tmp_path: Pat
         assert restored.step == 3 and same(out, states[3])
         manager.restore_dcp(out, step=2)
         assert same(out, states[2])
+        assert manager.attest(model=out["model"]).compared == {"model": 2}  # against step 2, restored last
+        stale = manager.attest(model=blank_like(states[2]["model"]), strict=False)
+        assert [str(d) for d in stale.differences] == ["model.w: values differ", "model.b: values differ"]
         with pytest.raises(NotCommittedError):
             manager.restore_dcp(out, step=1)
 

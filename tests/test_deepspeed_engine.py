@@ -170,3 +170,26 @@ def test_non_blocking_saves_snapshot_their_step_and_a_killed_one_commits_nothing
         want = torch.load(reference / f"final_rank{rank}.pt", weights_only=False)
         assert got["global_steps"] == 3
         _assert_same(got, want, f"rank{rank}")
+
+
+@pytest.mark.slow  # two 2-rank DeepSpeed runs
+def test_deduplicated_saves_verify_and_resume_with_attestation(
+    deepspeed_parent: None, tmp_path: Path
+) -> None:
+    """``use_ckptkit(dedup=True)``: every rank file is a blob of the root's blob store (hard-linked
+    into the tag directory on local disk), and the resume reads them through the manifest."""
+    root_url, saved, resumed = str(tmp_path / "run"), tmp_path / "saved", tmp_path / "resumed"
+    saved.mkdir(), resumed.mkdir()
+    scenario = worker.Scenario(root_url, str(saved), total_steps=3, save_at=[2, 3], dedup=True)
+    assert worker.run(scenario) == [0, 0]
+    root = open_store(root_url)
+    for tag in ("global_step2", "global_step3"):
+        manifest = read_manifest(root.child(tag))
+        assert manifest.schema_version == 3 and all(e.blob is not None for e in manifest.files)
+        assert verify_checkpoint(root.child(tag)).status == "ok"
+    # The resume attests (Scenario.resume): what the engine holds is what was saved.
+    scenario = worker.Scenario(root_url, str(resumed), total_steps=4, save_at=[4], resume=True, dedup=True)
+    assert worker.run(scenario) == [0, 0]
+    for rank in (0, 1):
+        loaded = _result(resumed, rank)["loaded"]
+        assert loaded["url"].endswith("/run/global_step3") and loaded["global_steps"] == 3

@@ -327,3 +327,27 @@ def test_per_rank_save_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     for where in (str(tmp_path / "copy"), f"{s3_bucket}/copy"):
         for rank in (0, 1):
             assert same(ckptkit.load(f"{where}/step-1", rank=rank), rank_state(rank, 1)), (where, rank)
+
+
+def save_twice_deduplicated(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Each rank keeps a large frozen tensor of its own and a small changing one."""
+    frozen = torch.Generator().manual_seed(rank)
+    base = torch.randn(512, 512, generator=frozen)  # 1 MiB: a shard of its own
+    for step in (1, 2):
+        state = {"frozen": base, "moving": torch.full((4,), float(10 * rank + step))}
+        ckptkit.save(state, f"{root}/step-{step}", step=step, dedup=True)
+    loaded = ckptkit.load(f"{root}/step-2")
+    return {"own": same(loaded, {"frozen": base, "moving": torch.full((4,), float(10 * rank + 2))})}
+
+
+def test_a_collective_deduplicated_save_shares_each_ranks_blobs(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    results = _ok(*run_ranks(save_twice_deduplicated, 2, root, tmp_path / "out"))
+    assert all(r["own"] for r in results), results
+    store = open_store(root)
+    first, second = (read_manifest(store.child(f"step-{s}")) for s in (1, 2))
+    assert second.schema_version == 3 and all(e.blob is not None for e in second.files)
+    large = lambda m: {e.blob for e in m.files if e.size >= 1 << 20}  # noqa: E731
+    assert len(large(first)) == 2 and large(first) == large(second)  # one per rank, written once
+    assert not list(store.child(".ckptkit-blobs").list("pins"))  # every rank unpinned
+    assert all(verify_checkpoint(store.child(f"step-{s}")).status == "ok" for s in (1, 2))

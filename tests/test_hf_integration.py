@@ -368,8 +368,11 @@ def test_kill_during_save_then_resume_from_last_committed(tmp_path: Path) -> Non
     assert resume_from == str(out / f"checkpoint-{KILL_AT - KILL_SAVE_STEPS}")
 
     args = training_args(out, max_steps=KILL_MAX_STEPS, save_steps=KILL_SAVE_STEPS)
-    trainer = make_trainer(args, [CkptkitCallback()])
+    trainer = make_trainer(args, [CkptkitCallback(attest=True)])  # AttestationError unless all restored
     trainer.train(resume_from_checkpoint=resume_from)
+    lineage = read_manifest(open_store(out / f"checkpoint-{KILL_AT}")).metadata["lineage"]
+    assert lineage["parent"]["checkpoint_id"] == read_manifest(open_store(resume_from)).checkpoint_id
+    assert lineage["data"]["global_step"] == KILL_AT and lineage["config_digest"].startswith("blake3:")
 
     assert trainer.state.global_step == KILL_MAX_STEPS
     # Steps 1-2 come from the resumed state, 3-6 were trained after the resume: none twice.

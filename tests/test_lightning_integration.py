@@ -78,6 +78,7 @@ def fit(
     max_epochs: int,
     ckpt_path: str | None = None,
     io: CkptkitCheckpointIO | None = None,
+    extra_callbacks: tuple[pl.Callback, ...] = (),
     **checkpoint_options: Any,
 ) -> tuple[pl.Trainer, TinyModule, ModelCheckpoint]:
     torch.manual_seed(0)  # identical initial weights in every run
@@ -85,7 +86,8 @@ def fit(
     callback = ModelCheckpoint(dirpath=dirpath, **checkpoint_options)
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, plugins=[io or CkptkitCheckpointIO()], callbacks=[callback],
+        enable_model_summary=False, plugins=[io or CkptkitCheckpointIO()],
+        callbacks=[callback, *extra_callbacks],
     )
     trainer.fit(model, make_data(), ckpt_path=ckpt_path)
     return trainer, model, callback
@@ -179,9 +181,36 @@ def test_save_top_k_keeps_exactly_the_best(reference: Run) -> None:
     assert Path(best["best_model_path"]).name == "epoch=3-step=16.ckpt"
 
 
+class AttestOnTrainStart(pl.Callback):
+    """Attests what Lightning restored, before the first step after the resume."""
+
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+        self.report: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ckptkit.attestation import attest
+
+        self.report = attest(
+            self.checkpoint, model=pl_module, optimizer=trainer.optimizers[0],
+            scheduler=trainer.lr_scheduler_configs[0].scheduler,
+        )
+
+
 def test_resume_matches_uninterrupted_run_bit_for_bit(reference: Run, tmp_path: Path) -> None:
     start = str(reference.dirpath / "epoch=0-step=4.ckpt")
-    trainer, model, _ = fit(str(tmp_path / "resumed"), max_epochs=EPOCHS, ckpt_path=start, save_top_k=-1)
+    attested = AttestOnTrainStart(start)
+    trainer, model, _ = fit(
+        str(tmp_path / "resumed"), max_epochs=EPOCHS, ckpt_path=start, save_top_k=-1,
+        extra_callbacks=(attested,),
+    )
+    assert attested.report.ok and set(attested.report.compared) == {"model", "optimizer", "scheduler"}
+    # Each checkpoint of the resumed run names the one it resumed from, and carries the hparams.
+    parent = read_manifest(open_store(start))
+    child = read_manifest(open_store(tmp_path / "resumed" / "epoch=1-step=8.ckpt")).metadata["lineage"]
+    assert child["parent"]["checkpoint_id"] == parent.checkpoint_id
+    assert child["data"] == {"epoch": 1, "global_step": 8}
+    assert child["config_digest"] == parent.metadata["lineage"]["config_digest"] is not None
     assert trainer.global_step == reference.global_step
     assert_identical(model.state_dict(), reference.state_dict, "weights")
     assert_identical(trainer.optimizers[0].state_dict(), reference.optimizer, "optimizer")

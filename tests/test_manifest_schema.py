@@ -1,8 +1,9 @@
 """The shipped JSON Schemas agree with ``parse_manifest``: real manifests pass, bad ones fail.
 
 Every test runs for schema version 1 (SHA-256 files only, what ckptkit writes for
-``digest="sha256"``) and version 2 (per-file algorithms; BLAKE3 by default), each against its own
-schema file. Each bad manifest is checked against both the parser and the schema, so the two
+``digest="sha256"``), version 2 (per-file algorithms; BLAKE3 by default) and version 3 (files
+deduplicated into the root's blob store), each against its own schema file. Each bad manifest
+is checked against both the parser and the schema, so the two
 cannot drift apart unnoticed. A few rules cannot be written in JSON Schema (unique paths, the chunk count,
 integers spelled ``1.0``); those are listed in ``test_rules_only_the_parser_enforces`` and in the
 schema's description.
@@ -27,12 +28,13 @@ import pytest
 from ckptkit.commit import CheckpointTransaction
 from ckptkit.errors import ManifestError, UnsafePathError, UnsupportedSchemaError
 from ckptkit.hashing import BLAKE3_TREE, CHUNK_SIZE, SHA256_TREE, FileDigest, digest_bytes
-from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
+from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, blob_key, parse_manifest
 from ckptkit.ops.index import index_checkpoint
 from ckptkit.storage import open_store
 
-SCHEMA_FILES = {1: "manifest-v1.schema.json", 2: "manifest-v2.schema.json"}
-ALGORITHM_OF_VERSION = {1: SHA256_TREE, 2: BLAKE3_TREE}
+SCHEMA_FILES = {1: "manifest-v1.schema.json", 2: "manifest-v2.schema.json", 3: "manifest-v3.schema.json"}
+ALGORITHM_OF_VERSION = {1: SHA256_TREE, 2: BLAKE3_TREE, 3: BLAKE3_TREE}
+BLOB_STORE = "../.ckptkit-blobs"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,8 +57,13 @@ class Case:
     def digest(self, data: bytes) -> FileDigest:
         return digest_bytes(data, algorithm=self.algorithm)
 
+    @property
+    def dedup(self) -> bool:
+        return self.version == 3
+
     def entry(self, path: str, data: bytes = b"x") -> FileEntry:
-        return FileEntry.from_digest(path, self.digest(data))
+        digest = self.digest(data)
+        return FileEntry.from_digest(path, digest, blob=blob_key(digest.digest) if self.dedup else None)
 
     def manifest(self, **overrides: Any) -> Manifest:
         files = [
@@ -64,14 +71,14 @@ class Case:
             self.entry("optim/rank_0.bin", b"optimizer state"),
             self.entry("empty.txt", b""),
         ]
-        args: dict[str, Any] = {"step": 1200, "layout": "files", "files": files}
+        args: dict[str, Any] = {"step": 1200, "layout": "files", "files": files, "blob_store": BLOB_STORE}
         args.update(overrides)
         manifest = Manifest.create(**args)
         assert manifest.schema_version == (self.version if manifest.files else 1)
         return manifest
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["v1", "v2"])
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=["v1", "v2", "v3"])
 def case(request: pytest.FixtureRequest) -> Case:
     schema = load_schema(request.param)
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -126,7 +133,7 @@ def test_multi_chunk_file_is_valid(case: Case) -> None:
 
 def test_committed_and_indexed_manifests_are_valid(case: Case, tmp_path: Path) -> None:
     root = open_store(tmp_path / "run")
-    with CheckpointTransaction(root, "step-00000007", digest=case.algorithm) as txn:
+    with CheckpointTransaction(root, "step-00000007", digest=case.algorithm, dedup=case.dedup) as txn:
         txn.write("model.bin", b"\x01" * 5000)
         txn.write("sub/dir/state.bin", b"\x02" * 10)
         txn.commit(step=7, layout="files", metadata={"note": "x"}, metrics={"loss": 1.5})
@@ -141,7 +148,7 @@ def test_committed_and_indexed_manifests_are_valid(case: Case, tmp_path: Path) -
     index_checkpoint(open_store(foreign), digest=case.algorithm)
     indexed = json.loads((foreign / MANIFEST_NAME).read_bytes())
     assert indexed["layout"] == "hf-trainer" and indexed["step"] == 30
-    case.validator.validate(indexed)
+    validator_of(min(case.version, 2)).validate(indexed)  # index deduplicates nothing
     assert {f["digest"].split(":")[0] for f in indexed["files"]} == {case.algorithm}
 
 
@@ -327,8 +334,8 @@ def test_unsafe_paths_raise_unsafe_path_error(case: Case, path: str) -> None:
 
 def test_future_schema_version_is_a_clear_error(case: Case) -> None:
     doc = as_json(case.manifest())
-    doc["schema_version"] = 3
-    doc["some_v3_field"] = {"new": True}
+    doc["schema_version"] = 4
+    doc["some_v4_field"] = {"new": True}
     with pytest.raises(UnsupportedSchemaError, match="newer than this ckptkit supports"):
         parse_manifest(json.dumps(doc).encode())
     assert not case.validator.is_valid(doc)
@@ -368,7 +375,7 @@ def test_rules_only_the_parser_enforces(case: Case) -> None:
 # --- the schema ships with the package ---------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_schema_is_readable_as_package_resource(version: int) -> None:
     schema = load_schema(version)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -390,3 +397,66 @@ def test_schema_is_in_the_built_wheel(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         for version, name in SCHEMA_FILES.items():
             assert json.loads(archive.read(f"ckptkit/schema/{name}")) == load_schema(version)
+
+
+# --- version 3: deduplicated files ---------------------------------------------------------
+
+
+def _v3_doc() -> dict[str, Any]:
+    return as_json(Case(3, validator_of(3)).manifest())
+
+
+def _other_blob(doc: dict[str, Any]) -> None:
+    doc["files"][0]["blob"] = doc["files"][1]["blob"]  # another file's bytes under this path
+
+
+def _no_blob_store(doc: dict[str, Any]) -> None:
+    del doc["blob_store"]
+
+
+def _blob_store_elsewhere(doc: dict[str, Any]) -> None:
+    doc["blob_store"] = "../other-blobs"
+
+
+def _blob_store_absolute(doc: dict[str, Any]) -> None:
+    doc["blob_store"] = "/tmp/.ckptkit-blobs"
+
+
+def _blob_not_a_key(doc: dict[str, Any]) -> None:
+    doc["files"][0]["blob"] = "../../etc/passwd"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message", "schema_catches"),
+    [
+        (_other_blob, "does not name the file's digest", False),
+        (_no_blob_store, "blob_store", True),
+        (_blob_store_elsewhere, "blob_store", True),
+        (_blob_store_absolute, "blob_store", True),
+        (_blob_not_a_key, "is not '<algorithm>/<2 hex>/<64 hex>", True),
+    ],
+    ids=["other-files-blob", "no-blob-store", "blob-store-elsewhere", "blob-store-absolute", "not-a-key"],
+)
+def test_bad_blob_references_are_refused(mutate, message: str, schema_catches: bool) -> None:
+    """A blob key names its own file's digest, and the blob store is the root's: a manifest
+    cannot point a path at another file's bytes, or outside the root."""
+    doc = _v3_doc()
+    mutate(doc)
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(json.dumps(doc).encode())
+    assert validator_of(3).is_valid(doc) is not schema_catches
+
+
+def test_blobs_need_version_3_and_version_3_needs_blobs() -> None:
+    doc = _v3_doc()
+    doc["schema_version"] = 2
+    with pytest.raises(ManifestError, match="'blob' in a schema version 2 manifest"):
+        parse_manifest(json.dumps(doc).encode())
+    # Without a deduplicated file, a manifest is written at the lowest version that says it.
+    entry = Case(2, validator_of(2)).entry("a")
+    plain = Manifest.create(step=1, layout="files", files=[entry], blob_store=BLOB_STORE)
+    assert plain.schema_version == 2 and "blob_store" not in as_json(plain)
+    stray = as_json(plain)
+    stray["blob_store"] = BLOB_STORE
+    with pytest.raises(ManifestError, match="blob_store but no file in it"):
+        parse_manifest(json.dumps(stray).encode())

@@ -10,14 +10,20 @@ import click
 from ckptkit.cli.common import digest_option, handles_errors, json_option, storage_options
 from ckptkit.cli.consolidate_cmd import consolidate_command
 from ckptkit.cli.convert_cmd import convert_command
+from ckptkit.cli.diff_cmd import diff_command
 from ckptkit.cli.inspect_cmd import inspect_command
+from ckptkit.cli.log_cmd import log_command
+from ckptkit.cli.plan_cmd import plan_command
 from ckptkit.cli.render import emit_json, format_bytes, table
 from ckptkit.cli.reshard_cmd import reshard_command
 from ckptkit.cli.safety_cmds import doctor_command, scan_command
 from ckptkit.cli.sync_cmd import sync_command
+from ckptkit.cli.thin_cmd import thin_command
 from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_STORAGE
 
 if TYPE_CHECKING:
+    from ckptkit.blobs import SweepReport
+    from ckptkit.catalog import CheckpointInfo
     from ckptkit.ops.verify import VerifyReport
     from ckptkit.storage import Store
 
@@ -90,7 +96,8 @@ def ls_command(ctx: click.Context, root: str, read_manifests: bool, as_json: boo
             {"name": c.name, "url": c.url, "step": c.step, "status": c.status, "files": c.files,
              "size": c.size, "created": c.created,
              "layout": c.manifest.layout if c.manifest else None,
-             "checkpoint_id": c.manifest.checkpoint_id if c.manifest else None}
+             "checkpoint_id": c.manifest.checkpoint_id if c.manifest else None,
+             "resumable": c.resumable}
             for c in checkpoints
         ])
         return exit_code
@@ -107,11 +114,19 @@ def ls_command(ctx: click.Context, root: str, read_manifests: bool, as_json: boo
         return exit_code
     rows = [
         [c.name, "-" if c.step is None else c.step, c.status, c.manifest.layout if c.manifest else "-",
-         c.files, format_bytes(c.size), c.created or "-"]
+         *([_contents(c)] if read_manifests else []), c.files, format_bytes(c.size), c.created or "-"]
         for c in checkpoints
     ]
-    click.echo(table(rows, ["checkpoint", "step", "status", "layout", "files", "size", "created"]))
+    contents = ["contents"] if read_manifests else []  # from the manifests, which only --long reads
+    click.echo(table(rows, ["checkpoint", "step", "status", "layout", *contents, "files", "size", "created"]))
     return exit_code
+
+
+def _contents(checkpoint: CheckpointInfo) -> str:
+    """Whether training can resume from a committed checkpoint, or it was thinned (``ckptkit thin``)."""
+    if not checkpoint.committed or checkpoint.resumable is None:
+        return "-"
+    return "resumable" if checkpoint.resumable else "weights-only"
 
 
 @cli.command("verify")
@@ -209,7 +224,8 @@ def index_command(
 @click.pass_context
 @handles_errors
 def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json: bool) -> int:
-    """Remove staging leftovers and orphaned objects of interrupted saves under ROOT."""
+    """Remove staging leftovers and orphaned objects of interrupted saves under ROOT, and the
+    blobs of a deduplicated ROOT that no checkpoint and no save in flight references."""
     from ckptkit.cli.progress import terminal_progress
     from ckptkit.ops.gc import collect_garbage
 
@@ -222,7 +238,7 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
     if as_json:
         emit_json({"url": report.url, "dry_run": dry_run, "removed": report.removed,
                    "kept_young": report.kept_young, "skipped": report.skipped,
-                   "bytes_removed": report.bytes_removed})
+                   "bytes_removed": report.bytes_removed, "blobs": _blob_sweep_json(report.blobs)})
         return EXIT_OK
     verb = "would remove" if dry_run else "removed"
     rows = [
@@ -238,12 +254,36 @@ def gc_command(ctx: click.Context, root: str, grace: str, dry_run: bool, as_json
         click.echo(f"skipped {len(report.skipped)} key(s) left in place:")
         for item in report.skipped:
             click.echo(f"  {item.key!r}: {item.reason}")
+    if report.blobs is not None:
+        _echo_blob_sweep(report.blobs, verb)
     return EXIT_OK
+
+
+def _blob_sweep_json(swept: SweepReport | None) -> dict[str, Any] | None:
+    if swept is None:
+        return None
+    return {"deleted": swept.deleted, "freed_bytes": swept.freed_bytes, "kept": swept.kept,
+            "stale_pins": swept.stale_pins, "skipped": swept.skipped}
+
+
+def _echo_blob_sweep(swept: SweepReport, verb: str) -> None:
+    if swept.skipped and not swept.deleted:  # the lock was another gc's: nothing was looked at
+        click.echo(f"blobs: skipped: {swept.skipped}")
+        return
+    if verb == "would remove":
+        for key in swept.deleted:
+            click.echo(f"  blob {key}")
+    click.echo(
+        f"blobs: {verb} {len(swept.deleted)} unreferenced, {format_bytes(swept.freed_bytes)}; "
+        f"kept {swept.kept}; {verb} {len(swept.stale_pins)} stale pin(s)"
+    )
+    if swept.skipped:
+        click.echo(f"blobs: stopped: {swept.skipped}")
 
 
 for command in (
     inspect_command, scan_command, doctor_command, consolidate_command, reshard_command, sync_command,
-    convert_command,
+    convert_command, diff_command, plan_command, log_command, thin_command,
 ):
     cli.add_command(command)
 

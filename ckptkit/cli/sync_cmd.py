@@ -46,6 +46,12 @@ _PLANNED_TEXT = {
     "--index", is_flag=True, help="Index checkpoints without a manifest on the fly (source untouched)."
 )
 @click.option(
+    "--no-dedup",
+    "no_dedup",
+    is_flag=True,
+    help="Write every file of a deduplicated checkpoint into the checkpoint at DST, not DST's blob store.",
+)
+@click.option(
     "--retries",
     type=click.IntRange(min=1),
     default=5,
@@ -65,6 +71,7 @@ def sync_command(
     dry_run: bool,
     include_incomplete: bool,
     index: bool,
+    no_dedup: bool,
     retries: int,
     as_json: bool,
 ) -> int:
@@ -91,6 +98,7 @@ def sync_command(
         dry_run=dry_run,
         include_incomplete=include_incomplete,
         index=index,
+        dedup=not no_dedup,
         retry=RetryPolicy(attempts=retries),
         progress=terminal_progress("sync", as_json=as_json),
         src_options=options,
@@ -124,4 +132,11 @@ def sync_command(
         + "".join(f", {report.count(s)} {s}" for s in ("refused", "conflict", "skipped") if report.count(s))
         + (", DRY RUN: nothing changed" if dry_run else "")
     )
+    released = report.blobs_released
+    if released is not None and released.has_store:
+        skipped = f" (skipped: {released.skipped})" if released.skipped else ""
+        click.echo(
+            f"released {len(released.deleted)} blob(s) no checkpoint uses any more, "
+            f"{format_bytes(released.freed_bytes)}{skipped}"
+        )
     return report.exit_code

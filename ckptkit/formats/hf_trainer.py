@@ -45,3 +45,22 @@ def newest_checkpoint(dirs: Iterable[str]) -> str | None:
     """The ``checkpoint-N`` directory with the highest N among ``dirs``: the one resume takes."""
     steps = {int(m.group(1)): d for d in dirs if (m := CHECKPOINT_DIR.fullmatch(d))}
     return steps[max(steps)] if steps else None
+
+
+# The files only resuming reads, by the state they hold (weights, config, tokenizer and
+# trainer_state.json are the model's): thinning drops them to leave a weights-only checkpoint.
+# The optimizer's include DeepSpeed's rank files in ``global_step*/`` and FSDP's ``optimizer_0/``.
+RESUME_STATES = {
+    "optimizer": re.compile(
+        r"optimizer\.(?:pt|bin)|optimizer_\d+/.+|global_step\d+/\w*zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt"
+    ),
+    "scheduler": re.compile(r"scheduler\.pt"),
+    "scaler": re.compile(r"scaler\.pt"),
+    "rng": re.compile(r"rng_state(?:_\d+)?\.pth"),
+}
+
+
+def resume_state(path: str) -> str | None:
+    """Which of :data:`RESUME_STATES` the file at ``path`` (relative to ``checkpoint-N``) holds;
+    None for a file of the model's own."""
+    return next((state for state, pattern in RESUME_STATES.items() if pattern.fullmatch(path)), None)

@@ -67,6 +67,18 @@ def _key(key: Any) -> str:
     return repr(key) if not isinstance(key, (NdArray, bytes)) else type(key).__name__
 
 
+def is_row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Row-major and dense; strides of size-1 dims do not matter (torch leaves them arbitrary)."""
+    if len(stride) != len(shape):
+        return False
+    step = 1
+    for n, s in zip(reversed(shape), reversed(stride), strict=True):
+        if n > 1 and s != step:
+            return False
+        step *= n
+    return True
+
+
 def check_storage(storage: StorageRef) -> str | None:
     """Whether the storage's bytes are located and its record holds exactly what it declares.
 

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from ckptkit import lineage
 from ckptkit.catalog import read_manifest
 from ckptkit.commit import CheckpointTransaction, files_of, logical_path
 from ckptkit.distributed import AttemptSink
@@ -303,7 +304,8 @@ class CkptkitWriter(StorageWriter, AsyncStager):
                 "ranks": [{"rank": r, "files": sorted(files)} for r, files in enumerate(by_rank)],
             }
             self.manifest = txn.commit(
-                step=self.step, layout=LAYOUT, metadata=self.metadata, metrics=self.metrics, topology=topology
+                step=self.step, layout=LAYOUT, metrics=self.metrics, topology=topology,
+                metadata=lineage.stamp(self.metadata, data=lineage.data_position(global_step=self.step)),
             )
         except BaseException:
             txn.abort()
@@ -573,6 +575,7 @@ class CkptkitReader(StorageReader):
             entries = {logical_path(e.path): e for e in manifest.files}
             self._files = VerifiedFiles(files_of(checkpoint, manifest), entries, manifest.chunk_size)
             self.manifest = manifest
+            lineage.resumed_from(checkpoint.url, manifest)
         return self._files
 
     def __getstate__(self) -> dict[str, Any]:

@@ -67,9 +67,10 @@ from typing import Any
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
+from ckptkit import lineage
 from ckptkit.async_save import BackgroundSaver, SaveHandle
 from ckptkit.catalog import list_checkpoints, read_manifest, step_from_name
-from ckptkit.commit import CheckpointTransaction, files_of
+from ckptkit.commit import CheckpointTransaction, files_of, logical_path
 from ckptkit.distributed import (
     DEFAULT_TIMEOUT_S,
     AttemptSink,
@@ -112,6 +113,8 @@ class _SaveAttempt:
     save_dir: str  # DeepSpeed's save_dir as an absolute path: only used to name files
     step: int | None  # taken at create: by the background commit, training has moved on
     topology: dict[str, Any]
+    config: dict[str, Any] | None  # ds_config and data position, for the lineage record
+    data: dict[str, Any]
     shared: SharedAttempt  # the attempt all ranks write into
     sink: AttemptSink  # this rank's files in it
     blocking: bool  # write each file as it comes, or stage them for the background
@@ -143,9 +146,13 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         digest: str | None = None,
         blocking: bool = True,
+        attest: bool = False,
+        dedup: bool = False,
         **storage_options: Any,
     ) -> None:
         super().__init__(None)
+        self.dedup = dedup  # each file's bytes once in the root's blob store (ckptkit.save)
+        self.attest = attest  # load_checkpoint attests the loaded state (ckptkit.attest)
         self.name = "CkptkitCheckpointEngine"
         self.digest = None if digest is None else choose_algorithm(digest)
         self.root: Store = open_store(root_url, **storage_options)
@@ -184,10 +191,13 @@ class CkptkitCheckpointEngine(CheckpointEngine):
     def create(self, info: CheckpointCommitInfo) -> None:
         # Back-pressure, and the commit group is free again: one collective on it at a time.
         self.wait()
-        shared = open_shared_attempt(self._group, self.root, str(info.tag), digest=self.digest)
+        shared = open_shared_attempt(
+            self._group, self.root, str(info.tag), digest=self.digest, dedup=self.dedup
+        )
         self._save = _SaveAttempt(
             tag=shared.name, save_dir=os.path.abspath(str(info.save_dir)),
             step=self._step(shared.name), topology=self._topology(),
+            config=_ds_config(self._engine), data=_data_position(self._engine),
             shared=shared, sink=shared.sink(), blocking=self.blocking,
         )
 
@@ -231,7 +241,10 @@ class CkptkitCheckpointEngine(CheckpointEngine):
                 step=attempt.step,
                 layout=LAYOUT,
                 topology=attempt.topology,
-                metadata={"tag": attempt.tag, "deepspeed_version": _deepspeed_version()},
+                metadata=lineage.stamp(
+                    {"tag": attempt.tag, "deepspeed_version": _deepspeed_version()},
+                    config=attempt.config, data=attempt.data,
+                ),
             )
             if save_latest:
                 # After the commit: a crash before this line leaves `latest` at the previous tag.
@@ -247,10 +260,11 @@ class CkptkitCheckpointEngine(CheckpointEngine):
             failure, outcome = exc, f"{type(exc).__name__}: {exc}"
         try:
             manifest = commit_shared_attempt(self._group, attempt.shared, outcome, commit_on_rank_0)
-        except DistributedCommitError:
+        except DistributedCommitError:  # pins stay until stale: rank 0 may be committing still
             if failure is not None:
                 raise failure from None  # on the rank that failed, its own error says more
             raise
+        attempt.shared.unpin()  # committed: the manifest protects every rank's blobs now
         self.last_committed = attempt.tag
         return manifest
 
@@ -304,8 +318,9 @@ class CkptkitCheckpointEngine(CheckpointEngine):
                 for name in resharded.names:
                     self._placeholder(local, tag, [name], functools.partial(resharded.load, name))
             else:
+                files = files_of(checkpoint, manifest)  # a deduplicated file lies in the blob store
                 for path, entry in tag_entries(manifest, inner).items():
-                    load = functools.partial(_load_entry, checkpoint, entry)
+                    load = functools.partial(_load_entry, files, entry)
                     self._placeholder(local, tag, path.split("/"), load)
             yield local
         finally:
@@ -343,15 +358,30 @@ class CkptkitCheckpointEngine(CheckpointEngine):
         return load(map_location)
 
 
-def _load_entry(checkpoint: Store, entry: FileEntry, map_location: Any = None) -> Any:
-    """One committed file, checked against its manifest digest, loaded with vetted classes only."""
-    data = checkpoint.get(entry.path)
+def _load_entry(files: Store, entry: FileEntry, map_location: Any = None) -> Any:
+    """One committed file (``files``: the checkpoint's files by logical path), checked against its
+    manifest digest, loaded with vetted classes only."""
+    data = files.get(logical_path(entry.path))
     actual = digest_bytes(data, algorithm=entry.algorithm)
     if actual.size != entry.size or actual.digest != entry.digest:
-        url = f"{checkpoint.url}/{entry.path}"
+        url = f"{files.url}/{logical_path(entry.path)}"
         raise ChecksumMismatchError(url, entry.digest, actual.digest, (0, len(data)))
     with safe_globals():
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def _ds_config(engine: Any) -> dict[str, Any] | None:
+    config = getattr(getattr(engine, "_config", None), "_param_dict", None)
+    return config if isinstance(config, dict) else None
+
+
+def _data_position(engine: Any) -> dict[str, Any]:
+    if engine is None:
+        return {}
+    return lineage.data_position(
+        global_step=getattr(engine, "global_steps", None),
+        samples_consumed=getattr(engine, "global_samples", None),
+    )
 
 
 def _deepspeed_version() -> str:
@@ -370,14 +400,19 @@ def use_ckptkit(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     digest: str | None = None,
     blocking: bool = True,
+    attest: bool = False,
+    dedup: bool = False,
     **storage_options: Any,
 ) -> CkptkitCheckpointEngine:
     """Install a :class:`CkptkitCheckpointEngine` on DeepSpeed ``engine``. Call it on every rank.
-    ``blocking=False`` makes its saves non-blocking by default."""
+    ``blocking=False`` makes its saves non-blocking by default. ``attest=True`` makes
+    :func:`load_checkpoint` compare the loaded state with the checkpoint's
+    (:func:`ckptkit.attest`) and raise :class:`~ckptkit.errors.AttestationError` naming what differs."""
     if isinstance(engine.checkpoint_engine, CkptkitCheckpointEngine):
         engine.checkpoint_engine.wait()  # a save still in flight must not be dropped with it
     checkpoint_engine = CkptkitCheckpointEngine(
-        root_url, engine=engine, timeout_s=timeout_s, digest=digest, blocking=blocking, **storage_options
+        root_url, engine=engine, timeout_s=timeout_s, digest=digest, blocking=blocking, attest=attest,
+        dedup=dedup, **storage_options,
     )
     engine.checkpoint_engine = checkpoint_engine
     return checkpoint_engine
@@ -522,4 +557,10 @@ def load_checkpoint(
         load_path, client_state = engine.load_checkpoint(local, tag=resolved, **load_options)
     if load_path is None:
         return None, None
+    checkpoint, manifest, inner = locate_tag(checkpoint_engine.root, resolved)
+    lineage.resumed_from(checkpoint.url, manifest)
+    if checkpoint_engine.attest:
+        from ckptkit.integrations.deepspeed_attest import attest_engine
+
+        attest_engine(engine, checkpoint, manifest, tag=inner.rstrip("/") or None).raise_for_differences()
     return checkpoint_engine.root.child(resolved).url, client_state

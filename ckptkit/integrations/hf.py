@@ -42,20 +42,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import TrainerCallback
 
+from ckptkit import lineage
 from ckptkit.async_save import BackgroundSaver, SaveHandle
-from ckptkit.catalog import CheckpointInfo, list_checkpoints
+from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest
 from ckptkit.commit import delete_checkpoint, publish_manifest
 from ckptkit.errors import (
     AlreadyExistsError,
     CommitConflictError,
     IncompleteListingError,
+    NotCommittedError,
     NotFoundError,
+    NotThinnableError,
     VerificationError,
 )
 from ckptkit.formats.hf_trainer import CHECKPOINT_DIR
 from ckptkit.formats.layout import detect_layout
 from ckptkit.hashing import choose_algorithm, digest_objects
 from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, validate_path
+from ckptkit.ops.thin import thin_checkpoint
 from ckptkit.ops.verify import VerifyReport, default_jobs, verify_checkpoint
 from ckptkit.storage import Store, open_store
 from ckptkit.storage.local import TEMP_MARKER
@@ -102,7 +106,8 @@ def latest_committed_checkpoint(output_dir: str | os.PathLike[str], *, quick: bo
     if not root.is_dir():
         return None  # first run: nothing to resume
     store = open_store(root)
-    committed = [c for c in list_checkpoints(store) if c.committed and _is_hf_checkpoint(c)]
+    # A checkpoint thinned to weights only (keep_optimizer_last) cannot resume training.
+    committed = [c for c in list_checkpoints(store) if c.committed and _is_hf_checkpoint(c) and c.resumable]
     for info in reversed(committed):  # oldest first by step, so newest first here
         report = verify_checkpoint(store.child(info.name), quick=quick)
         if report.ok:
@@ -211,9 +216,37 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _data_position(args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
+    per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return lineage.data_position(
+        epoch=state.epoch, global_step=state.global_step, samples_consumed=state.global_step * per_step,
+        sampler_seed=args.data_seed if args.data_seed is not None else args.seed,
+    )
+
+
+def _resumed_checkpoint(args: TrainingArguments, state: TrainerState) -> tuple[Store, Manifest] | None:
+    """The committed checkpoint a Trainer resumed from, seen from ``on_train_begin``: the
+    callback is not told the path, so ``args.resume_from_checkpoint`` when it names a committed
+    checkpoint, else ``checkpoint-<global_step>`` of ``output_dir`` (a fresh run is at step 0)."""
+    candidates = []
+    if isinstance(args.resume_from_checkpoint, str):
+        candidates.append(open_store(args.resume_from_checkpoint))
+    if state.global_step > 0:
+        candidates.append(open_store(args.output_dir).child(hf_checkpoint_name(state.global_step)))
+    for checkpoint in candidates:
+        try:
+            return checkpoint, read_manifest(checkpoint)
+        except (NotCommittedError, NotFoundError):
+            continue
+    return None
+
+
 def apply_retention(root: Store, policy: RetentionPolicy, *, keep: Iterable[str] = ()) -> list[str]:
     """Delete the committed ``checkpoint-N`` under ``root`` that ``policy`` expires, except the
-    names in ``keep``; return the names deleted. Other directories under ``root`` are not looked at."""
+    names in ``keep``, then thin those its ``keep_optimizer_last`` leaves behind to weights only
+    (dropping ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth`` and DeepSpeed's
+    optimizer files), ``keep`` again excepted; return the names deleted. Other directories under
+    ``root`` are not looked at."""
     try:
         listed = list_checkpoints(root)
     except IncompleteListingError as exc:
@@ -228,6 +261,17 @@ def apply_retention(root: Store, policy: RetentionPolicy, *, keep: Iterable[str]
             delete_checkpoint(root, info.name)  # uncommits first: a crash midway leaves no "checkpoint"
             deleted.append(info.name)
             logger.info("retention: deleted %s", info.url)
+    expired = [c for c in committed if c.name in deleted]
+    for info in policy.select_thinned(committed, expired):
+        if info.name in protected:
+            continue
+        try:
+            report = thin_checkpoint(root, info.name, keep=policy.thin_keep)
+        except NotThinnableError as exc:
+            logger.warning("retention: not thinning %s: %s", info.url, exc)
+            continue
+        if report.changed:
+            logger.info("retention: thinned %s to %s", info.url, ", ".join(report.kept))
     return deleted
 
 
@@ -243,8 +287,11 @@ class CkptkitCallback(TrainerCallback):
     """Commit, verify and retain every checkpoint the Trainer saves.
 
     Use with ``TrainingArguments(save_total_limit=None)``: retention is ``retention``'s job, run
-    only after the new checkpoint committed. ``verify="full"`` re-hashes the checkpoint after the
-    commit (catches a file changed while it was hashed); ``"quick"`` checks presence and sizes.
+    only after the new checkpoint committed. ``RetentionPolicy(keep_optimizer_last=K)`` thins the
+    checkpoints older than the K newest to weights only (:func:`apply_retention`), which
+    :func:`latest_committed_checkpoint` then passes over. ``verify="full"`` re-hashes the
+    checkpoint after the commit (catches a file changed while it was hashed); ``"quick"`` checks
+    presence and sizes.
 
     ``mirror="s3://bucket/run"`` uploads each committed checkpoint there in the background
     (:class:`ckptkit.mirror.Mirror`); retention deletes at the mirror too, leaves a checkpoint
@@ -273,6 +320,7 @@ class CkptkitCallback(TrainerCallback):
         mirror_options: dict[str, Any] | None = None,
         digest: str | None = None,
         blocking: bool = True,
+        attest: bool = False,
     ) -> None:
         if verify not in ("full", "quick"):
             raise ValueError(f"verify must be 'full' or 'quick', got {verify!r}")
@@ -287,6 +335,7 @@ class CkptkitCallback(TrainerCallback):
         self.blocking = blocking
         self._saver: BackgroundSaver | None = None  # made at the first non-blocking commit
         self.last_handle: SaveHandle | None = None  # of the last non-blocking commit
+        self.attest = attest
 
     # --- Trainer events ------------------------------------------------------------------
 
@@ -307,6 +356,31 @@ class CkptkitCallback(TrainerCallback):
             self.mirror = Mirror(open_store(args.output_dir), self.mirror_url, **self.mirror_options)
             # What an earlier, killed run left half-uploaded, and the deletions it never made there.
             self.mirror.catch_up(self.retention)
+        self._record_resume(args, state, kwargs)
+
+    def _record_resume(self, args: TrainingArguments, state: TrainerState, loaded: dict[str, Any]) -> None:
+        """On a resume (the Trainer restored its state before ``on_train_begin``), the committed
+        checkpoint it resumed from becomes the lineage parent, and with ``attest`` the model,
+        optimizer and scheduler it loaded are compared with that checkpoint's."""
+        resumed = _resumed_checkpoint(args, state)
+        if resumed is None:
+            return
+        checkpoint, manifest = resumed
+        lineage.resumed_from(checkpoint.url, manifest)
+        if self.attest and args.deepspeed:
+            # The optimizer lives in the DeepSpeed tag and ZeRO-3 partitions the model: only the
+            # engine can be attested, and the Trainer does not hand it to callbacks.
+            logger.warning(
+                "CkptkitCallback(attest=True): not attesting a Trainer run under DeepSpeed; call "
+                "ckptkit.attest(<checkpoint>/<tag>, model=trainer.model_wrapped) yourself"
+            )
+        elif self.attest:
+            from ckptkit.attest_saved import attest_files
+
+            parts = {"model": loaded.get("model"), "optimizer": loaded.get("optimizer"),
+                     "scheduler": loaded.get("lr_scheduler")}
+            given = {part: live for part, live in parts.items() if live is not None}
+            attest_files(checkpoint, manifest, given).raise_for_differences()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -354,7 +428,11 @@ class CkptkitCallback(TrainerCallback):
         commit = functools.partial(
             self._commit, root, name, step=state.global_step,
             metrics=metrics_at_step(state.log_history, state.global_step),
-            metadata={"producer": PRODUCER, "epoch": state.epoch}, best=state.best_model_checkpoint,
+            metadata=lineage.stamp(
+                {"producer": PRODUCER, "epoch": state.epoch},
+                config=lineage.training_args_config(args.to_dict()), data=_data_position(args, state),
+            ),
+            best=state.best_model_checkpoint,
         )
         if self.blocking:
             commit()

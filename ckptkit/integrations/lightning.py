@@ -46,7 +46,7 @@ import io
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +61,9 @@ except ImportError as exc:  # pragma: no cover - the message is the point
         "ckptkit.integrations.lightning needs pytorch-lightning: pip install 'ckptkit[lightning]'"
     ) from exc
 
+from ckptkit import lineage
 from ckptkit.async_save import BackgroundSaver, SaveHandle
+from ckptkit.blobs import sweep
 from ckptkit.catalog import list_checkpoints, read_manifest
 from ckptkit.commit import CheckpointTransaction, delete_checkpoint
 from ckptkit.errors import ChecksumMismatchError, FormatError, NotCommittedError, UnstorableValueError
@@ -98,7 +100,8 @@ class CkptkitCheckpointIO(CheckpointIO):
 
     Paths are local paths or URLs (``s3://bucket/run/epoch=0-step=10.ckpt``); ``storage_options``
     go to :func:`ckptkit.open_store` for every path (for S3: ``endpoint_url``, ``key``, ...).
-    ``digest`` is how files are hashed into each manifest, as for ``ckptkit.save``.
+    ``digest`` is how files are hashed into each manifest, as for ``ckptkit.save``; ``dedup=True``
+    stores each file's bytes once in the blob store of the checkpoint's directory, as there.
 
     ``blocking=False``: ``save_checkpoint`` returns once the checkpoint's tensors are copied into
     a reusable host buffer (values that go to the extra blob are serialised then too); writing,
@@ -116,8 +119,10 @@ class CkptkitCheckpointIO(CheckpointIO):
         jobs: int = 4,
         digest: str | None = None,
         blocking: bool = True,
+        dedup: bool = False,
     ) -> None:
         self.storage_options = dict(storage_options or {})
+        self.dedup = dedup
         self.max_shard_size = max_shard_size
         self.jobs = jobs
         self.digest = None if digest is None else choose_algorithm(digest)
@@ -140,7 +145,7 @@ class CkptkitCheckpointIO(CheckpointIO):
             self._wait()
             save_lightning_checkpoint(
                 root, name, checkpoint, max_shard_size=self.max_shard_size, jobs=self.jobs, replace=True,
-                digest=self.digest,
+                digest=self.digest, dedup=self.dedup,
             )
             return
         if self._saver is None:
@@ -149,7 +154,7 @@ class CkptkitCheckpointIO(CheckpointIO):
         saver.wait()  # back-pressure, and the staging buffer is free again
         job = prepare_lightning_save(
             root, name, checkpoint, max_shard_size=self.max_shard_size, jobs=self.jobs, replace=True,
-            digest=self.digest, stage=saver.stager.stage,
+            digest=self.digest, stage=saver.stager.stage, dedup=self.dedup,
         )
         self.last_handle = saver.submit(f"{root.url}/{name}", _step_of(checkpoint), job)
 
@@ -172,6 +177,8 @@ class CkptkitCheckpointIO(CheckpointIO):
             self._saver.raise_failure()  # older checkpoints go while the new one is written
         if any(True for _ in root.list(name)):
             delete_checkpoint(root, name)
+            if self.dedup:
+                sweep(root)  # the blobs only it named; never one another checkpoint needs
 
     def wait(self) -> None:
         """Wait for the save in flight, if any, and raise its failure unless ``handle.wait()``
@@ -221,15 +228,17 @@ def save_lightning_checkpoint(
     jobs: int = 4,
     replace: bool = False,
     digest: str | None = None,
+    dedup: bool = False,
 ) -> Manifest:
     """Write a Lightning checkpoint dict as checkpoint ``name`` under ``root`` and commit it.
 
     With ``replace``, a committed checkpoint of that name is deleted first; without it, saving
     over one raises :class:`~ckptkit.errors.CommitConflictError`. ``digest`` is as for
-    ``ckptkit.save``.
+    ``ckptkit.save``, and so is ``dedup``.
     """
     return prepare_lightning_save(
-        root, name, checkpoint, max_shard_size=max_shard_size, jobs=jobs, replace=replace, digest=digest
+        root, name, checkpoint, max_shard_size=max_shard_size, jobs=jobs, replace=replace, digest=digest,
+        dedup=dedup,
     )()
 
 
@@ -243,6 +252,7 @@ def prepare_lightning_save(
     replace: bool = False,
     digest: str | None = None,
     stage: Callable[[NativePlan], NativePlan] | None = None,
+    dedup: bool = False,
 ) -> Callable[[], Manifest]:
     """Everything of :func:`save_lightning_checkpoint` that reads ``checkpoint`` (split, extra
     blob, plan, and ``stage`` to copy its tensors, e.g. a :class:`~ckptkit.native.staging.HostStager`'s),
@@ -262,11 +272,16 @@ def prepare_lightning_save(
         "extra": EXTRA_FILE if extra is not None else None,
     }
     step = _step_of(checkpoint)
+    hparams = checkpoint.get("hyper_parameters")
+    metadata = lineage.stamp(
+        metadata, config=dict(hparams) if isinstance(hparams, Mapping) else None,
+        data=lineage.data_position(epoch=metadata["epoch"], global_step=step),
+    )
 
     def write_and_commit() -> Manifest:
         if replace and root.exists(join_key(name, MANIFEST_NAME)):
             delete_checkpoint(root, name)
-        with CheckpointTransaction(root, name, digest=algorithm) as txn:
+        with CheckpointTransaction(root, name, digest=algorithm, dedup=dedup) as txn:
             write_planned(planned, txn, max_shard_size=max_shard_size, jobs=jobs)
             if extra is not None:
                 txn.write(EXTRA_FILE, extra)
@@ -371,6 +386,7 @@ def load_lightning_checkpoint(
             f"{store.url} is not a committed checkpoint (half-written, deleted, or not saved by "
             "ckptkit); resume from latest_committed_checkpoint(<dirpath>) instead"
         ) from exc
+    lineage.resumed_from(store.url, manifest)
     files = native_files(store, manifest)
     # mmap=False: the optimizer updates loaded state in place, and it must own that memory.
     state = read_native(files, map_location=map_location, mmap=False)

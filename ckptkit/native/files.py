@@ -8,7 +8,7 @@ each with its own state, one such set per rank under ``rank-NNNNN/``; the manife
 
 from __future__ import annotations
 
-from ckptkit.commit import logical_path
+from ckptkit.commit import files_of, logical_path
 from ckptkit.errors import FormatError, TopologyMismatchError
 from ckptkit.formats.native_layout import NATIVE_TREE as TREE_FILE
 from ckptkit.manifest import Manifest
@@ -56,5 +56,7 @@ def native_files(checkpoint: Store, manifest: Manifest, rank: int | None = None)
             f"{checkpoint.url}: layout '{manifest.layout}' is not a ckptkit native checkpoint; "
             "use the format's own loader (or 'ckptkit convert')"
         )
-    prefix = trees[0].rpartition("/")[0]
-    return checkpoint.child(prefix) if prefix else checkpoint
+    # Through the files' logical paths: a deduplicated or thinned checkpoint's lie in several places.
+    prefix = logical_path(trees[0]).rpartition("/")[0]
+    files = files_of(checkpoint, manifest)
+    return files.child(prefix) if prefix else files

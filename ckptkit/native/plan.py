@@ -172,5 +172,18 @@ def assign_shards(entries: list[Entry], max_shard_size: int) -> list[list[Entry]
     return [sorted(shard, key=lambda e: -e.alignment) for shard in shards]
 
 
+# In a deduplicated save, an entry at least this large is a shard of its own: the unit of
+# sharing between checkpoints. Smaller ones (biases, norms, step counters) share shards, which
+# costs little to rewrite and saves a file (an object store request) each.
+DEDUP_OWN_SHARD = 1 << 20
+
+
+def assign_dedup_shards(entries: list[Entry], max_shard_size: int) -> list[list[Entry]]:
+    """Each entry of :data:`DEDUP_OWN_SHARD` bytes or more alone, so its shard's bytes depend on
+    that tensor only; the smaller ones packed as :func:`assign_shards` packs them, after."""
+    large = [[entry] for entry in entries if entry.nbytes >= DEDUP_OWN_SHARD]
+    return large + assign_shards([e for e in entries if e.nbytes < DEDUP_OWN_SHARD], max_shard_size)
+
+
 def shard_name(index: int, count: int) -> str:
     return f"tensors-{index:05d}-of-{count:05d}.safetensors"

@@ -14,9 +14,9 @@ from ckptkit.native.decode import ArrayNode, TreeDecoder
 from ckptkit.native.document import EntryRef, TensorRecord, load_document
 from ckptkit.native.dtypes import torch_dtype
 from ckptkit.native.files import TREE_FILE
-from ckptkit.native.nodes import TAG
 from ckptkit.native.plan import element_extent
 from ckptkit.native.safetensors_io import ShardReader
+from ckptkit.native.subtree import MissingKeyError, select_keys
 from ckptkit.storage.base import Store
 
 __all__ = ["MissingKeyError", "TorchLeaves", "load_document", "read_native", "select_keys"]
@@ -24,13 +24,6 @@ __all__ = ["MissingKeyError", "TorchLeaves", "load_document", "read_native", "se
 MapLocation = (
     None | str | torch.device | dict[str, str | torch.device] | Callable[[torch.Tensor, str], torch.Tensor]
 )
-
-
-class MissingKeyError(KeyError):
-    """``keys=`` named a top-level key the checkpoint does not have."""
-
-    def __str__(self) -> str:  # KeyError would show the message in quotes
-        return str(self.args[0])
 
 
 def read_native(
@@ -53,40 +46,6 @@ def read_native(
     with ExitStack() as stack:
         leaves = TorchLeaves(ShardReader(store, mmap=mmap, stack=stack), map_location)
         return TreeDecoder(document, leaves).decode(tree)
-
-
-def select_keys(document: dict[str, Any], keys: Sequence[str]) -> Any:
-    """The tree node of a dict state, cut down to ``keys`` (kept in the state's own order)."""
-    tree = document["tree"]
-    wanted = [keys] if isinstance(keys, str) else list(keys)
-    if isinstance(tree, dict) and TAG not in tree:
-        available = list(tree)
-        _check_present(wanted, available)
-        return {key: node for key, node in tree.items() if key in wanted}
-    if isinstance(tree, dict) and tree.get(TAG) in ("dict", "odict", "counter"):
-        pairs = tree.get("v")
-        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-            raise FormatError(f"{TREE_FILE}: malformed {tree[TAG]!r} node at the top")
-        decode_key = TreeDecoder(document, _KeyLeaves()).decode
-        keyed = [(decode_key(pair[0]), pair) for pair in pairs]
-        _check_present(wanted, [key for key, _ in keyed])
-        return {**tree, "v": [pair for key, pair in keyed if key in wanted]}
-    raise TypeError("keys= needs a checkpoint whose state is a dict")
-
-
-def _check_present(wanted: list[str], available: list[Any]) -> None:
-    missing = [key for key in wanted if key not in available]
-    if missing:
-        raise MissingKeyError(f"no top-level key {missing[0]!r} in the checkpoint; available: {available!r}")
-
-
-class _KeyLeaves:
-    """Leaves of top-level keys, which the writer writes as plain values only."""
-
-    def _refuse(self, _: Any) -> Any:
-        raise FormatError(f"{TREE_FILE}: a dict key holds a torch or numpy value")
-
-    tensor = size = dtype = device = array = scalar = _refuse
 
 
 class TorchLeaves:

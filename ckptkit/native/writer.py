@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
+from ckptkit.hashing import FileDigest, StreamingDigest
 from ckptkit.native import jsonfmt
 from ckptkit.native.document import FLAT_SHARD_VERSION, FORMAT_NAME, PLAIN_VERSION
 from ckptkit.native.files import TREE_FILE
 from ckptkit.native.nodes import Json
-from ckptkit.native.plan import Entry, Plan, assign_shards, plan_entries, shard_name
+from ckptkit.native.plan import Entry, Plan, assign_dedup_shards, assign_shards, plan_entries, shard_name
 from ckptkit.native.safetensors_io import shard_chunks
 from ckptkit.native.tree import TreeEncoder
 
@@ -21,9 +23,16 @@ class FileSink(Protocol):
 
     ``write`` must be thread-safe: shards are written concurrently. ``path`` is relative
     (``"tree.json"``); ``data`` is bytes or an iterable of buffers, to be streamed, not joined.
+    ``digest``, given when the sink deduplicates (``dedup`` is set), is the digest of ``data``
+    under the sink's ``digest`` algorithm: a sink that has those bytes already skips them.
     """
 
-    def write(self, path: str, data: bytes | Iterable[bytes | memoryview]) -> object: ...
+    digest: str
+    dedup: Any  # ckptkit.blobs.DedupFiles when deduplicating: ``reserve`` places many files at once
+
+    def write(
+        self, path: str, data: bytes | Iterable[bytes | memoryview], *, digest: FileDigest | None = None
+    ) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -74,13 +83,17 @@ def write_native(
 def write_planned(
     planned: NativePlan, sink: FileSink, *, max_shard_size: int = 1 << 30, jobs: int = 4
 ) -> NativeSummary:
-    """Write a planned state to ``sink``: the shards, then ``tree.json``."""
+    """Write a planned state to ``sink``: the shards, then ``tree.json``.
+
+    Into a deduplicating sink, every large tensor gets a shard of its own, so a tensor that did
+    not change since a checkpoint in the same root is the same file, stored once."""
     check_write_options(max_shard_size, jobs)
     plan = planned.plan
-    shards = assign_shards(plan.entries, max_shard_size)
+    dedup = getattr(sink, "dedup", None) is not None
+    shards = (assign_dedup_shards if dedup else assign_shards)(plan.entries, max_shard_size)
     paths = [shard_name(i, len(shards)) for i in range(len(shards))]
     if shards:
-        _write_shards(sink, list(zip(paths, shards, strict=True)), jobs)
+        _write_shards(sink, list(zip(paths, shards, strict=True)), jobs, digest_first=dedup)
     document = {
         "format": FORMAT_NAME,
         "version": FLAT_SHARD_VERSION if planned.flat_shards else PLAIN_VERSION,
@@ -101,11 +114,37 @@ def write_planned(
     )
 
 
-def _write_shards(sink: FileSink, shards: list[tuple[str, list[Entry]]], jobs: int) -> None:
+def _write_shards(
+    sink: FileSink, shards: list[tuple[str, list[Entry]]], jobs: int, *, digest_first: bool
+) -> None:
     with ThreadPoolExecutor(max_workers=min(jobs, len(shards)), thread_name_prefix="ckptkit-shard") as pool:
-        futures = [pool.submit(sink.write, path, shard_chunks(entries)) for path, entries in shards]
+        digests: list[FileDigest | None] = [None] * len(shards)
+        if digest_first:
+            # The bytes are in memory (the caller's tensors, or a save's staged copy): hashing
+            # them first costs one pass at hashing speed, and a shard whose blob exists is never
+            # written. All shards are placed at once: one pin for the save (ckptkit.blobs).
+            digests = list(pool.map(partial(_shard_digest, sink.digest), (e for _, e in shards)))
+            sink.dedup.reserve([d.digest for d in digests if d is not None])
+        futures = [
+            pool.submit(_write_shard, sink, path, entries, digest)
+            for (path, entries), digest in zip(shards, digests, strict=True)
+        ]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in pending:  # a shard failed: start no more; running ones finish
             future.cancel()
         for future in done:
             future.result()
+
+
+def _write_shard(sink: FileSink, path: str, entries: list[Entry], digest: FileDigest | None) -> None:
+    if digest is None:
+        sink.write(path, shard_chunks(entries))  # any sink: ``digest`` is for deduplicating ones
+    else:
+        sink.write(path, shard_chunks(entries), digest=digest)
+
+
+def _shard_digest(algorithm: str, entries: list[Entry]) -> FileDigest:
+    hasher = StreamingDigest(algorithm=algorithm)
+    for piece in shard_chunks(entries):
+        hasher.update(piece)
+    return hasher.result()

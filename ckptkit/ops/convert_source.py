@@ -35,6 +35,7 @@ from ckptkit.formats.safetensors import read_safetensors_header
 from ckptkit.formats.safetensors_writer import SHARED_PARAMS_KEY, TORCH_DTYPE
 from ckptkit.formats.sniff import detect
 from ckptkit.formats.torchfile import read_torch_file
+from ckptkit.formats.tree import is_row_major
 from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.native.files import TREE_FILE, native_files
 from ckptkit.ops.inspect.values import as_tensor
@@ -101,12 +102,15 @@ def read_directory(store: Store) -> Source:
     files = store
     if store.exists(MANIFEST_NAME):
         from ckptkit.catalog import read_manifest
+        from ckptkit.commit import files_of
 
         manifest = read_manifest(store)
         if manifest.layout == "native":
             return _native(store, manifest)
         prefixes = {posixpath.dirname(f.path) for f in manifest.files}
-        if len(prefixes) == 1 and "" not in prefixes:  # object stores keep data below ckptkit-<id>/
+        if manifest.blob_store is not None:  # deduplicated: files lie in the root's blob store
+            files = files_of(store, manifest)
+        elif len(prefixes) == 1 and "" not in prefixes:  # object stores keep data below ckptkit-<id>/
             files = store.child(prefixes.pop())
     keys = [info.key for info in files.list("")]
     if not keys:  # an object store cannot tell a missing prefix from an empty one
@@ -253,7 +257,7 @@ def _piece(key: str, ref: TensorRef) -> Piece:
         return Piece(key, 0, 0)
     if storage.byte_offset is None or storage.nbytes is None:
         raise FormatError(f"{key}: a tensor's storage record is missing or compressed")
-    if not _contiguous(ref.shape, ref.stride):
+    if not is_row_major(ref.shape, ref.stride):
         raise FormatError(f"{key}: a tensor is not contiguous (stride {ref.stride}); not supported")
     start = ref.storage_offset * itemsize
     if start + ref.numel * itemsize > storage.nbytes:
@@ -447,19 +451,7 @@ def _native_tensor(
     itemsize = itemsize_of(dtype)
     if info is None or type(offset) is not int or offset + numel * itemsize > info.nbytes:
         raise FormatError(f"{path}: tensor {name!r} lies outside its entry {entry!r}")
-    if not _contiguous(shape, tuple(record.get("stride") or ())):
+    if not is_row_major(shape, tuple(record.get("stride") or ())):
         raise FormatError(f"tree.json: tensor {name!r} is a non-contiguous view; not supported")
     piece = Piece(path, info.offset + offset, numel)
     return SourceTensor(name, dtype, shape, path, _reader(files, [piece], dtype))
-
-
-def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """Row-major and dense; strides of size-1 dims do not matter (torch leaves them arbitrary)."""
-    if len(stride) != len(shape):
-        return False
-    step = 1
-    for n, s in zip(reversed(shape), reversed(stride), strict=True):
-        if n > 1 and s != step:
-            return False
-        step *= n
-    return True

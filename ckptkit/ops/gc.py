@@ -1,9 +1,15 @@
 """Remove what interrupted saves and deletions leave behind, and nothing else.
 
 Debris is only what ckptkit itself creates: hidden staging and trash directories at the root,
-temporary files of interrupted writes, and attempt prefixes (``ckptkit-<id>/``) that no committed
-manifest lists. A directory another tool wrote is never touched, committed or not. Nothing newer
-than the grace period is removed, so a save in progress in another process is safe.
+temporary files of interrupted writes, attempt prefixes (``ckptkit-<id>/``) that no committed
+manifest lists, and the files a killed thinning dropped from its manifest but left in place
+(:func:`ckptkit.ops.thin.leftovers_of_thinning`). A directory another tool wrote is never
+touched, committed or not. Nothing newer than the grace period is removed, so a save in
+progress in another process is safe.
+
+A deduplicated root's blob store is then swept by the blob protocol (:func:`ckptkit.blobs.sweep`),
+with the same grace for the pins of saves in flight: blobs go only when no committed or staged
+manifest and no live pin names them, never because a listing shows them alone.
 """
 
 from __future__ import annotations
@@ -13,15 +19,18 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ckptkit.blobs import SweepReport, sweep
 from ckptkit.catalog import read_manifest
 from ckptkit.commit import ATTEMPT_RE, STAGING_MARKER, is_ckptkit_debris_dir
 from ckptkit.errors import InvalidURLError, ManifestError, NotCommittedError, NotFoundError
 from ckptkit.manifest import MANIFEST_NAME
+from ckptkit.ops.thin import leftovers_of_thinning
 from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage.base import ObjectInfo, Store, normalize_key
 from ckptkit.storage.local import TEMP_MARKER
 
 DEFAULT_GRACE_SECONDS = 3600.0
+THINNING_LEFTOVER = "file a thinning dropped from its checkpoint's manifest"
 
 
 @dataclass(frozen=True)
@@ -49,9 +58,11 @@ class GcReport:
     removed: list[Debris] = field(default_factory=list)
     kept_young: list[Debris] = field(default_factory=list)
     skipped: list[SkippedKey] = field(default_factory=list)
+    blobs: SweepReport | None = None  # the blob store's sweep; None where the root has none
 
     @property
     def bytes_removed(self) -> int:
+        """Bytes of debris removed; blobs freed are ``blobs.freed_bytes``."""
         return sum(d.size for d in self.removed)
 
 
@@ -111,6 +122,7 @@ def find_debris(
         temps = [o for o in objects if o.key.rsplit("/", 1)[-1].startswith(TEMP_MARKER)]
         found.extend(_debris(o.key, "temporary file of an interrupted write", [o], now) for o in temps)
         found.extend(_orphan_attempts(root, top, objects, now))
+        found.extend(_thinning_leftovers(root, top, objects, now))
     return _without_odd_keys(found, odd, skipped if skipped is not None else [])
 
 
@@ -145,6 +157,19 @@ def _orphan_attempts(root: Store, top: str, objects: list[ObjectInfo], now: floa
     ]
 
 
+def _thinning_leftovers(root: Store, top: str, objects: list[ObjectInfo], now: float) -> list[Debris]:
+    """Files a thinning dropped from a committed manifest but was killed before deleting."""
+    if not any(o.key == f"{top}/{MANIFEST_NAME}" for o in objects):
+        return []
+    try:
+        manifest = read_manifest(root.child(top))
+    except (ManifestError, NotCommittedError):
+        return []  # unreadable, or deleted since the listing: nothing to say what was dropped
+    below = {o.key[len(top) + 1 :]: o for o in objects}
+    leftovers = leftovers_of_thinning(root.child(top), manifest, present=below)
+    return [_debris(f"{top}/{key}", THINNING_LEFTOVER, [below[key]], now) for key in leftovers]
+
+
 def collect_garbage(
     root: Store,
     *,
@@ -152,8 +177,9 @@ def collect_garbage(
     dry_run: bool = False,
     progress: Progress | None = None,
 ) -> GcReport:
-    """Remove debris older than ``grace_seconds`` (or only report it, with ``dry_run``);
-    ``progress`` hears of the objects and bytes removed."""
+    """Remove debris older than ``grace_seconds`` (or only report it, with ``dry_run``), then
+    sweep the blob store: unreferenced blobs go, pins older than ``grace_seconds`` stop
+    protecting anything and go too. ``progress`` hears of the debris objects and bytes removed."""
     local = root.local_path("")
     if local is not None and not local.is_dir():
         raise NotFoundError(f"{root.url}: no such directory")
@@ -162,6 +188,9 @@ def collect_garbage(
         (report.kept_young if item.age_seconds < grace_seconds else report.removed).append(item)
     if not dry_run:
         _remove(root, report.removed, progress or NO_PROGRESS)
+    # After the debris: a staged manifest of a dead save protects its blobs until it is gone.
+    swept = sweep(root, stale_after=grace_seconds, dry_run=dry_run)
+    report.blobs = swept if swept.has_store else None
     return report
 
 
@@ -169,7 +198,8 @@ def _remove(root: Store, items: list[Debris], progress: Progress) -> None:
     progress.start(sum(d.size for d in items), sum(d.objects for d in items))
     try:
         for item in items:
-            if item.objects == 1 and item.prefix.rsplit("/", 1)[-1].startswith(TEMP_MARKER):
+            temporary = item.prefix.rsplit("/", 1)[-1].startswith(TEMP_MARKER)
+            if item.objects == 1 and (temporary or item.reason == THINNING_LEFTOVER):
                 root.delete(item.prefix)
             else:
                 root.delete_prefix(item.prefix)

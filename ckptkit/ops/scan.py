@@ -20,10 +20,13 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_UNSAFE, FormatError, NotFoundError
+from ckptkit.catalog import read_manifest
+from ckptkit.commit import files_of
+from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_UNSAFE, FormatError, ManifestError, NotFoundError
 from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.sniff import Detected, detect
 from ckptkit.formats.torchfile import MAX_PICKLE_BYTES, read_torch_file
+from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.pickle import PickleFormatError, load_symbolic
 from ckptkit.pickle.policy import UNSAFE_CLASSES
 from ckptkit.pickle.values import GlobalUse
@@ -67,10 +70,23 @@ def scan_target(path: str | os.PathLike[str] | Store, **storage_options: Any) ->
     found = resolve_target(path, **storage_options)
     if found.key is not None:
         return Target(found.store, [found.key], True)
-    keys = _all_keys(found.store)
-    if not keys and found.store.local_path("") is None:  # a prefix with nothing below it
+    store = _deduplicated_files(found.store) or found.store
+    keys = _all_keys(store)
+    if not keys and store.local_path("") is None:  # a prefix with nothing below it
         raise NotFoundError(f"{found.url}: no such file, or nothing below it")
-    return Target(found.store, keys, False)
+    return Target(store, keys, False)
+
+
+def _deduplicated_files(store: Store) -> Store | None:
+    """A deduplicated checkpoint's files where they lie (its root's blob store): what a loader
+    reads is what must be scanned, not what happens to sit in the directory."""
+    if not store.exists(MANIFEST_NAME):
+        return None
+    try:
+        manifest = read_manifest(store)
+    except ManifestError:
+        return None  # scanned as a directory, as any uncommitted one
+    return files_of(store, manifest) if manifest.blob_store is not None else None
 
 
 def _all_keys(store: Store) -> list[str]:

@@ -7,7 +7,9 @@ attempt id is derived from the source manifest's id, so a re-run after an interr
 what the last run copied and sends only the rest: a file counts as there when its size and
 digest match, the digest read from the object's user metadata (S3) or re-hashed locally (disk),
 never downloaded. A checkpoint whose committed manifest at the destination lists the same files
-is up to date and costs no transfer at all.
+is up to date and costs no transfer at all. A deduplicated checkpoint's blobs go to the blob
+store of the destination root, each sent once and none that is there already, under the writer's
+side of the blob protocol (:mod:`ckptkit.ops.sync_blobs`).
 
 Only committed checkpoints are copied. An incomplete ckptkit save is skipped (copied raw, never
 committed, with ``include_incomplete``); a directory another tool wrote without a manifest is
@@ -21,14 +23,15 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ckptkit.blobs import SweepReport, sweep
 from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest, step_from_name
-from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction, delete_checkpoint, logical_path
+from ckptkit.commit import ATTEMPT_RE, CheckpointTransaction, delete_checkpoint, files_of, logical_path
 from ckptkit.errors import (
     EXIT_FINDINGS,
     EXIT_OK,
@@ -43,8 +46,9 @@ from ckptkit.errors import (
     VerificationError,
 )
 from ckptkit.formats.deepspeed import LATEST, resolve_latest
-from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
+from ckptkit.manifest import MANIFEST_NAME, FileEntry, Manifest, blob_store_of, parse_manifest
 from ckptkit.ops.index import build_index_manifest
+from ckptkit.ops.sync_blobs import BlobTransfers
 from ckptkit.progress import NO_PROGRESS, Progress
 from ckptkit.storage import Store, open_store, split_parent, split_url
 from ckptkit.storage.base import join_key
@@ -60,13 +64,18 @@ DEFAULT_JOBS = 4
 
 @dataclass(frozen=True)
 class FilePlan:
-    """One file of a checkpoint to copy: where it is at the source and below the attempt."""
+    """One file of a checkpoint to copy: where it is at the source and below the attempt.
+
+    ``blob``: the key in the destination root's blob store that holds a deduplicated file's
+    bytes (``send`` then says whether this checkpoint uploads it: not when the destination has
+    it, nor when an earlier checkpoint of the same run does)."""
 
     source_key: str
     dest_key: str
     size: int
     entry: FileEntry | None  # None for raw copies of incomplete checkpoints
     send: bool
+    blob: str | None = None
 
 
 @dataclass
@@ -131,6 +140,7 @@ class SyncReport:
     dry_run: bool
     outcomes: list[CheckpointOutcome]
     seconds: float = 0.0
+    blobs_released: SweepReport | None = None  # after --delete deleted checkpoints: the sweep
 
     @property
     def bytes_sent(self) -> int:
@@ -161,6 +171,11 @@ class SyncReport:
             "files_sent": self.files_sent,
             "seconds": round(self.seconds, 3),
             "checkpoints": [o.to_json() for o in self.outcomes],
+            "blobs_released": None if self.blobs_released is None else {
+                "deleted": len(self.blobs_released.deleted),
+                "freed_bytes": self.blobs_released.freed_bytes,
+                "skipped": self.blobs_released.skipped,
+            },
         }
 
 
@@ -182,18 +197,41 @@ def same_content(a: Manifest, b: Manifest) -> bool:
     return files(a) == files(b)
 
 
-def _remapped(manifest: Manifest, data_prefix: str) -> Manifest:
+def _remapped(manifest: Manifest, data_prefix: str, name: str, blobs: Mapping[str, str]) -> Manifest:
+    """The source manifest as committed at the destination: paths under its attempt prefix,
+    and the deduplicated files (``blobs``: logical path → key) pointing into the destination
+    root's blob store, found from a checkpoint named ``name``."""
     files = tuple(
         sorted(
             (
-                dataclasses.replace(f, path=join_key(data_prefix, logical_path(f.path)))
+                dataclasses.replace(
+                    f,
+                    path=join_key(data_prefix, logical_path(f.path)),
+                    blob=blobs.get(logical_path(f.path)),
+                )
                 for f in manifest.files
             ),
             key=lambda f: f.path,
         )
     )
+    blob_store = blob_store_of(name) if blobs else None
     # Round-trip through the parser: a manifest we commit is one we can read.
-    return parse_manifest(dataclasses.replace(manifest, files=files).to_bytes())
+    return parse_manifest(dataclasses.replace(manifest, files=files, blob_store=blob_store).to_bytes())
+
+
+def _send_each_blob_once(plans: list[CheckpointPlan]) -> None:
+    """A blob that several checkpoints of one run need (a frozen base model's) is uploaded by
+    the first of them, in plan order; the others wait for that upload before they commit."""
+    claimed: set[str] = set()
+    for plan in plans:
+        files = []
+        for file in plan.files:
+            if file.blob is not None and file.send:
+                if file.blob in claimed:
+                    file = dataclasses.replace(file, send=False)
+                claimed.add(file.blob)
+            files.append(file)
+        plan.files = files
 
 
 # --- resolving what to sync ---------------------------------------------------------------------
@@ -361,7 +399,11 @@ class Syncer:
         retry: RetryPolicy | None = None,
         progress: Progress | None = None,
         names: Sequence[str] | None = None,
+        dedup: bool = True,
     ) -> None:
+        """``dedup``: a deduplicated checkpoint's blobs go to the destination root's blob store
+        (each uploaded once, none the destination has); False writes every file into the
+        checkpoint itself and commits a manifest without blobs."""
         if jobs < 1:
             raise ValueError("jobs must be at least 1")
         if delete and target.single is not None:
@@ -377,6 +419,9 @@ class Syncer:
         self.retry = retry or RetryPolicy()
         self.progress = progress or NO_PROGRESS
         self.names = set(names) if names is not None else None
+        self.released: SweepReport | None = None  # the destination's blob sweep after --delete
+        self.dedup = dedup
+        self._blobs = BlobTransfers(self.dst_root, self.retry)  # one per run: see run()
 
     def plan(self, pool: ThreadPoolExecutor) -> list[CheckpointPlan]:
         if self.target.single is not None:
@@ -398,6 +443,7 @@ class Syncer:
         # files' checks run on ``pool``, so the planners get threads of their own.
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(pairs)))) as planners:
             plans = list(planners.map(lambda p: self._plan_safely(*p, pool), pairs))
+        _send_each_blob_once(plans)
         if self.delete:
             plans.extend(self._plan_deletions([src for src, _, _ in pairs], dst_by_name))
         return plans
@@ -472,11 +518,18 @@ class Syncer:
         plan.attempt = sync_attempt_id(manifest)
         txn = CheckpointTransaction(self.dst_root, dst_name, attempt=plan.attempt)
         present = {o.key: o.size for o in txn.files.list("")}
+        placed = self._blobs.place(manifest, plan.name) if self.dedup else {}
+        # A deduplicated checkpoint is read through the view of its files by logical path.
+        mapped = manifest.blob_store is not None
 
         def file_plan(entry: FileEntry) -> FilePlan:
             key = logical_path(entry.path)
+            source_key = key if mapped else entry.path
+            placement = placed.get(entry.digest) if entry.blob is not None else None
+            if placement is not None:
+                return FilePlan(source_key, key, entry.size, entry, not placement.present, placement.key)
             there = key in present and already_copied(txn.files, key, present[key], entry)
-            return FilePlan(entry.path, key, entry.size, entry, send=not there)
+            return FilePlan(source_key, key, entry.size, entry, send=not there)
 
         plan.files = list(pool.map(file_plan, manifest.files))
         return plan
@@ -507,15 +560,20 @@ class Syncer:
 
     def run(self, *, dry_run: bool = False) -> SyncReport:
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="ckptkit-sync") as pool:
-            try:
-                plans = self.plan(pool)
-                outcomes = [self._planned(p) for p in plans] if dry_run else self._execute(plans, pool)
-            except BaseException:  # Ctrl-C or a bug: do not start the copies still queued
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        self._blobs = BlobTransfers(self.dst_root, self.retry, dry_run=dry_run)
+        try:
+            with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="ckptkit-sync") as pool:
+                try:
+                    plans = self.plan(pool)
+                    outcomes = [self._planned(p) for p in plans] if dry_run else self._execute(plans, pool)
+                except BaseException:  # Ctrl-C or a bug: do not start the copies still queued
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+        finally:
+            self._blobs.close()  # every checkpoint committed or given up: unpin
         return SyncReport(
-            self.src_root.url, self.dst_root.url, dry_run, outcomes, time.perf_counter() - started
+            self.src_root.url, self.dst_root.url, dry_run, outcomes, time.perf_counter() - started,
+            blobs_released=self.released,
         )
 
     def _planned(self, plan: CheckpointPlan) -> CheckpointOutcome:
@@ -557,30 +615,49 @@ class Syncer:
         for plan in plans:
             if plan.action == "delete":
                 outcomes.append(self._delete(plan, blocked=copies_failed))
+        if any(o.action == "delete" and o.status == "deleted" for o in outcomes):
+            outcomes.extend(self._release_blobs())
         if self.target.single is None and not copies_failed:
             self._sync_deepspeed_latest(outcomes)
         return outcomes
 
     def _submit(self, plan: CheckpointPlan, pool: ThreadPoolExecutor) -> list[Future[int]]:
+        source = self.src_root.child(plan.name)
+        if plan.manifest is not None and plan.manifest.blob_store is not None:
+            source = files_of(source, plan.manifest)  # each file by its logical path, wherever it lies
+        # Blobs first: later checkpoints of this run wait for them, whatever becomes of this one.
+        futures = [self._upload_blob(pool, source, f) for f in plan.files if f.send and f.blob is not None]
         if plan.action == "copy":
             assert plan.attempt is not None
             dest = CheckpointTransaction(self.dst_root, plan.dest_name, attempt=plan.attempt).files
         else:
             dest = self.dst_root.child(plan.dest_name)
-        source = self.src_root.child(plan.name)
-        return [pool.submit(self._send, source, dest, f) for f in plan.files if f.send]
+        files = [f for f in plan.files if f.send and f.blob is None]
+        return futures + [pool.submit(self._send, source, dest, f.dest_key, f) for f in files]
 
-    def _send(self, source: Store, dest: Store, file: FilePlan) -> int:
-        what = f"copying {source.url}/{file.source_key} to {dest.url}/{file.dest_key}"
+    def _upload_blob(self, pool: ThreadPoolExecutor, source: Store, file: FilePlan) -> Future[int]:
+        blob = file.blob
+        assert blob is not None
+        store = self._blobs.store
+        return self._blobs.upload(blob, lambda: pool.submit(self._send, source, store, blob, file))
+
+    def _send(self, source: Store, dest: Store, dest_key: str, file: FilePlan) -> int:
+        what = f"copying {source.url}/{file.source_key} to {dest.url}/{dest_key}"
         size = with_retries(
             lambda: copy_object(
-                source, file.source_key, dest, file.dest_key, file.entry, on_bytes=self.progress.advance
+                source, file.source_key, dest, dest_key, file.entry, on_bytes=self.progress.advance
             ),
             self.retry,
             what,
         )
         self.progress.file_done()
         return size
+
+    def _borrowed_uploads(self, plan: CheckpointPlan) -> list[Future[int]]:
+        """The uploads of this run, owned by an earlier checkpoint, of blobs this one needs."""
+        own = {f.blob for f in plan.files if f.send}
+        needed = {f.blob for f in plan.files if f.blob is not None and f.blob not in own}
+        return self._blobs.uploads_of(needed)
 
     def _finish(
         self, plan: CheckpointPlan, transfers: list[Future[int]] | CkptkitError, pool: ThreadPoolExecutor
@@ -593,6 +670,11 @@ class Syncer:
                     outcome.bytes_sent += future.result()
                     outcome.files_sent += 1
                 except (CkptkitError, OSError) as exc:  # OSError: one no adapter translated
+                    errors.append(exc)
+            for future in self._borrowed_uploads(plan):
+                try:
+                    future.result()
+                except (CkptkitError, OSError) as exc:
                     errors.append(exc)
             if errors:
                 outcome.detail = f"{len(errors)} file(s) failed, not committed: {errors[0]}"
@@ -623,8 +705,16 @@ class Syncer:
         """Check the attempt holds exactly the manifest's files, then commit the manifest."""
         assert plan.manifest is not None and plan.attempt is not None
         txn = CheckpointTransaction(self.dst_root, plan.dest_name, attempt=plan.attempt)
+        blobs = {f.dest_key: f.blob for f in plan.files if f.blob is not None}
+        by_digest = {f.entry.digest: f.blob for f in plan.files if f.blob is not None and f.entry is not None}
+        self._blobs.confirm(by_digest, plan.dest_name)  # a long run's pins renewed first
+        linked = self.dst_root.capabilities.hard_links
+        if linked:
+            self._blobs.link(txn.attempt_key, blobs)
         present = {o.key: o.size for o in txn.files.list("")}
-        wanted = {f.dest_key: f for f in plan.files}
+        # Blobs lie in the blob store (uploaded in this run, or found there under our pin); on
+        # local disk each is also linked into the checkpoint, and checked there.
+        wanted = {f.dest_key: f for f in plan.files if linked or f.blob is None}
         wrong = sorted(k for k, f in wanted.items() if present.get(k) != f.size)
         if wrong:
             raise VerificationError(
@@ -634,7 +724,7 @@ class Syncer:
             txn.files.delete(key)  # debris of a killed write (a local temp file): not ours to commit
         if self.verify:
             self._verify_copies(txn.files, plan, pool)
-        manifest = _remapped(plan.manifest, txn.data_prefix)
+        manifest = _remapped(plan.manifest, txn.data_prefix, plan.dest_name, blobs)
         with_retries(
             lambda: txn.commit_manifest(manifest),
             self.retry,
@@ -644,13 +734,24 @@ class Syncer:
     def _verify_copies(self, files: Store, plan: CheckpointPlan, pool: ThreadPoolExecutor) -> None:
         from ckptkit.hashing import digest_object
 
-        bad = []
+        bad, damaged = [], []
         for f in plan.files:
             assert f.entry is not None
-            copied = digest_object(files, f.dest_key, f.size, pool, algorithm=f.entry.algorithm)
-            if copied.digest != f.entry.digest:
+            store, key = (files, f.dest_key) if f.blob is None else (self._blobs.store, f.blob)
+            copied = digest_object(store, key, f.size, pool, algorithm=f.entry.algorithm)
+            if copied.digest == f.entry.digest:
+                continue
+            if f.blob is None:
                 files.delete(f.dest_key)  # so that a re-run sends it again
                 bad.append(f.dest_key)
+            else:  # maybe shared with committed checkpoints: never deleted here (the blob protocol)
+                damaged.append(f"{store.url}/{key}")
+        if damaged:
+            raise VerificationError(
+                f"read back from the destination's blob store: {len(damaged)} blob(s) differ from their "
+                f"digest (damaged there: run 'ckptkit verify' on its checkpoints): {', '.join(damaged)}",
+                damaged,
+            )
         if bad:
             raise VerificationError(
                 f"read back from {files.url}: {len(bad)} file(s) differ from the source manifest "
@@ -672,6 +773,21 @@ class Syncer:
         except CkptkitError as exc:
             outcome.status, outcome.detail, outcome.exit_code = "failed", str(exc), exc.exit_code
         return outcome
+
+    def _release_blobs(self) -> list[CheckpointOutcome]:
+        """After deleting checkpoints at the destination, free the blobs that only they used —
+        by the blob protocol's sweep, which spares what any manifest or save in flight there
+        names; never by listing what this run deleted."""
+        try:
+            self.released = with_retries(
+                lambda: sweep(self.dst_root), self.retry, f"releasing blobs at {self.dst_root.url}"
+            )
+        except CkptkitError as exc:  # the deletions stand; the next gc releases the blobs
+            detail = f"unreferenced blobs not released (the next gc does): {exc}"
+            failed = CheckpointOutcome("blob store", None, "delete", "failed", detail=detail)
+            failed.exit_code = exc.exit_code
+            return [failed]
+        return []
 
     def _sync_deepspeed_latest(self, outcomes: list[CheckpointOutcome]) -> None:
         """Carry DeepSpeed's ``latest`` over once the tag it names is committed at the destination,
@@ -719,12 +835,15 @@ def sync(
     names: Sequence[str] | None = None,
     src_options: dict[str, Any] | None = None,
     dst_options: dict[str, Any] | None = None,
+    dedup: bool = True,
 ) -> SyncReport:
     """Copy the committed checkpoints of ``src`` to ``dst`` (roots, or one checkpoint each).
 
     Returns a report; per-checkpoint failures are in it (``report.ok``, ``report.exit_code``),
     not raised, so one bad checkpoint does not stop the others. Usage errors (a missing source,
-    ``--delete`` from an empty source) raise.
+    ``--delete`` from an empty source) raise. A deduplicated checkpoint's blobs go to the blob
+    store of the destination root (a checkpoint's parent), each uploaded once and none that is
+    there already; ``dedup=False`` writes every file into the checkpoint instead.
     """
     target = resolve_sync_target(src, dst, src_options=src_options, dst_options=dst_options)
     syncer = Syncer(
@@ -737,5 +856,6 @@ def sync(
         retry=retry,
         progress=progress,
         names=names,
+        dedup=dedup,
     )
     return syncer.run(dry_run=dry_run)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptkit.catalog import CheckpointInfo, list_checkpoints, read_manifest
-from ckptkit.commit import files_of
+from ckptkit.commit import files_of, logical_path
 from ckptkit.errors import ManifestError, NotCommittedError, NotFoundError
 from ckptkit.formats.zero import RESHARD_KEY
 from ckptkit.hashing import chunk_ranges, get_algorithm, hash_range
@@ -83,10 +83,12 @@ def _check_listing(checkpoint: Store, quick: bool) -> _Pending:
     report.step, report.layout = manifest.step, manifest.layout
 
     present = {info.key: info.size for info in checkpoint.list("")}
+    present.update(_blob_sizes(checkpoint, manifest))
     to_hash: list[FileEntry] = []
     for entry in manifest.files:
-        if entry.path not in present:
-            report.findings.append(Finding(entry.path, "missing", f"{entry.path}: file is missing"))
+        if present.get(entry.path) is None:
+            where = f" (blob {entry.blob} is not in the blob store)" if entry.blob else ""
+            report.findings.append(Finding(entry.path, "missing", f"{entry.path}: file is missing{where}"))
         elif present[entry.path] != entry.size:
             actual = present[entry.path]
             report.findings.append(
@@ -109,6 +111,23 @@ def _check_listing(checkpoint: Store, quick: bool) -> _Pending:
     report.bytes_checked = sum(e.size for e in to_hash)
     report.seconds = time.perf_counter() - started
     return _Pending(checkpoint, report, manifest, to_hash)
+
+
+def _blob_sizes(checkpoint: Store, manifest: Manifest) -> dict[str, int | None]:
+    """The size of each deduplicated file's blob (None: missing), by the file's manifest path.
+    A blob is what readers read, so it is what must be there, whatever lies at the path."""
+    if not manifest.blobs:
+        return {}
+    files = files_of(checkpoint, manifest)
+
+    def size(entry: FileEntry) -> tuple[str, int | None]:
+        try:
+            return entry.path, files.head(logical_path(entry.path)).size
+        except NotFoundError:
+            return entry.path, None
+
+    with ThreadPoolExecutor(max_workers=default_jobs(checkpoint)) as pool:
+        return dict(pool.map(size, manifest.blobs))
 
 
 def _check_contents(
@@ -183,6 +202,8 @@ def _verify_foreign(store: Store, progress: Progress | None) -> VerifyReport:
 def _check_digests(
     checkpoint: Store, manifest: Manifest, entries: list[FileEntry], jobs: int, progress: Progress
 ) -> list[Finding]:
+    # A deduplicated file is read where its bytes lie: in the blob store.
+    files = files_of(checkpoint, manifest) if manifest.blobs else checkpoint
     work = [
         (entry, index, start, end)
         for entry in entries
@@ -195,9 +216,8 @@ def _check_digests(
         entry, index, start, end = item
         try:
             # Each file under the algorithm its own digest names: a manifest may mix them.
-            actual = hash_range(
-                checkpoint, entry.path, start, end, algorithm=entry.algorithm, on_bytes=progress.advance
-            )
+            store, key = (files, logical_path(entry.path)) if entry.blob else (checkpoint, entry.path)
+            actual = hash_range(store, key, start, end, algorithm=entry.algorithm, on_bytes=progress.advance)
         except NotFoundError:
             return Finding(entry.path, "missing", f"{entry.path}: removed while verifying")
         if actual == entry.chunks[index]:

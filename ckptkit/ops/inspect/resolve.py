@@ -11,13 +11,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptkit.catalog import latest_checkpoint, read_manifest
+from ckptkit.catalog import THINNED, is_resumable, latest_checkpoint, read_manifest
+from ckptkit.commit import files_of
 from ckptkit.errors import FormatError, NotFoundError
 from ckptkit.formats import deepspeed
 from ckptkit.formats.hf_trainer import NOT_READ, TRAINER_STATE, newest_checkpoint
 from ckptkit.formats.layout import detect_layout
 from ckptkit.formats.sniff import detect
-from ckptkit.manifest import MANIFEST_NAME
+from ckptkit.manifest import MANIFEST_NAME, Manifest
 from ckptkit.native.files import native_files
 from ckptkit.storage import Store
 from ckptkit.storage.base import ObjectInfo
@@ -90,22 +91,43 @@ def resolve_directory(store: Store) -> Target:
     name = store.url.rstrip("/").rsplit("/", 1)[-1]
     layout = detect_layout(files).kind  # of this directory's own files: a root's are below
     metadata: dict[str, Any] = {}
+    notes: list[str] = []
     if MANIFEST_NAME in files and layout != "native":
         manifest = read_manifest(store)  # committed: the manifest says what it is
+        notes = _thinned_notes(manifest)
         if manifest.layout == "native":
-            return Target(store, name, "native", native=native_files(store, manifest))
+            native = native_files(store, manifest)
+            return Target(store, name, "native", native=native, notes=notes, metadata=manifest.metadata)
         metadata = manifest.metadata
+        view = files_of(store, manifest)
+        if manifest.blob_store is not None or (notes and view is not store):  # read files where they lie
+            found = resolve_directory(view)
+            found.metadata = metadata
+            found.notes[:0] = notes
+            return found
     if layout == "native":
         return Target(store, name, "native", native=store)
     if layout == "dcp":
         return Target(store, name, "dcp", dcp_prefix="")
-    target = Target(store, name, "directory", metadata=metadata)
+    target = Target(store, name, "directory", metadata=metadata, notes=notes)
     _collect_files(target, files)
     target.deepspeed = _deepspeed(store, files, objects)
     if target.deepspeed is not None or target.trainer_state or target.torch_files or target.safetensors:
         target.layout = _layout(target)
         return target
     return _descend(store, dirs)
+
+
+def _thinned_notes(manifest: Manifest) -> list[str]:
+    """A note for a checkpoint thinned to weights only (``ckptkit thin``), which cannot resume."""
+    if is_resumable(manifest):
+        return []
+    record = manifest.metadata.get(THINNED)
+    kept = record.get("kept") if isinstance(record, dict) else None
+    dropped = record.get("dropped") if isinstance(record, dict) else None
+    what = ", ".join(map(str, kept)) if isinstance(kept, list) else "?"
+    count = f"; {len(dropped)} file(s) dropped" if isinstance(dropped, list) else ""
+    return [f"weights-only: thinned to {what}{count}; it cannot resume training"]
 
 
 def _collect_files(target: Target, files: dict[str, ObjectInfo]) -> None:
