@@ -2,7 +2,7 @@
 not, with the numbers), write ``benchmarks/out/results.json`` (with the machine facts).
 
     .venv/bin/python benchmarks/run_all.py [--only startup,ls,save,verify,inspect,consolidate,convert,
-                                                   sync,remote,mirror,reshard,stall,dcp] [--quick]
+                                                   sync,remote,mirror,reshard,stall,dcp,dedup] [--quick]
     (or: make bench)
 
 The full run keeps every benchmark's full size but fewer rounds where a benchmark is long
@@ -20,6 +20,9 @@ printed ``benchmark_seconds`` of each replaces these):
 - stall (~15 min): a 1.27 GB training loop of 12 steps (~2.7 s each) per contender (9, each in its own
   process), 2 rounds (~7.5 min a round; its own default of 3 rounds takes ~23 min);
 - dcp (~40 s): dcp.save of 419 MB, CkptkitWriter and FileSystemWriter, 3 rounds;
+- dedup (~6 min): a LoRA-like run over a frozen 100M-parameter base, 10 checkpoints, with and without
+  dedup, 3 rounds (torch.save in 1), their S3 mirror once (~1.7 min), and a 34M-parameter full
+  fine-tune;
 - verify (~2 min), ls (~1.5 min), inspect (~1.5 min), mirror (~1 min), convert (~1 min),
   startup (~10 s).
 
@@ -39,6 +42,7 @@ from typing import Any
 import bench_consolidate
 import bench_convert
 import bench_dcp
+import bench_dedup
 import bench_inspect
 import bench_ls_s3
 import bench_mirror
@@ -65,6 +69,7 @@ BENCHMARKS: dict[str, Callable[..., Result]] = {
     "reshard": bench_reshard.run,
     "stall": bench_stall.run,
     "dcp": bench_dcp.run,
+    "dedup": bench_dedup.run,
 }
 # Settings of the full run where they differ from a benchmark's own defaults: fewer rounds, same sizes.
 FULL: dict[str, dict[str, Any]] = {
@@ -85,6 +90,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "reshard": {"rounds": 1},
     "stall": {"rounds": 1, "quick": True},
     "dcp": {"rounds": 1, "quick": True},
+    "dedup": {"quick": True},
 }
 
 
