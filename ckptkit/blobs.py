@@ -326,6 +326,6 @@ class _Lock:
 
 
 def blob_bytes(root: Store) -> int:
-    """Bytes the blob store of ``root`` holds (for ``ls`` and the benchmarks)."""
+    """Bytes the blob store of ``root`` holds: what a root's deduplicated files cost, once."""
     return sum(i.size for i in root.child(BLOB_DIR).list("") if digest_of_key(i.key) is not None)
 

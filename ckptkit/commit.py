@@ -31,7 +31,7 @@ from ckptkit.errors import (
     PermanentStorageError,
     StorageError,
 )
-from ckptkit.hashing import FileDigest, StreamingDigest, choose_algorithm
+from ckptkit.hashing import FileDigest, StreamingDigest, choose_algorithm, digest_pieces
 from ckptkit.manifest import BLOB_DIR, MANIFEST_NAME, FileEntry, Manifest, blob_store_of, validate_path
 from ckptkit.storage.base import Store, join_key
 from ckptkit.storage.mapped import Located, MappedStore
@@ -149,14 +149,13 @@ class FileRecorder:
         ``data`` at all; without one, the file is written, then given to the blob store."""
         key = join_key(self._prefix, validate_path(path))
         blob = None
-        in_memory = isinstance(data, (bytes, bytearray, memoryview, list))
-        if self.dedup is not None and digest is None and in_memory:
-            digest = _digest_of(data, self.digest)  # in memory: hash first, maybe write nothing
+        source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        if self.dedup is not None and digest is None and isinstance(source, list):
+            digest = digest_pieces(source, algorithm=self.digest)  # in memory: maybe write nothing
         if self.dedup is not None and digest is not None:
             blob = self.dedup.write_known(key, data, digest)
         else:
             hasher = StreamingDigest(algorithm=self.digest)
-            source = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
             self._files.put(key, hasher.tee(source))
             digest = hasher.result()
             if self.dedup is not None:
@@ -178,13 +177,6 @@ class FileRecorder:
     def entries(self) -> list[FileEntry]:
         with self._lock:
             return list(self._entries.values())
-
-
-def _digest_of(data: bytes | bytearray | memoryview | list[bytes | memoryview], algorithm: str) -> FileDigest:
-    hasher = StreamingDigest(algorithm=algorithm)
-    for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
-        hasher.update(piece)
-    return hasher.result()
 
 
 class CheckpointTransaction:

@@ -249,8 +249,16 @@ class IncrementalDigest(_ChunkedDigest):
 
 
 def digest_bytes(data: bytes | bytearray | memoryview, *, algorithm: str = DEFAULT_ALGORITHM) -> FileDigest:
+    return digest_pieces([data], algorithm=algorithm)
+
+
+def digest_pieces(
+    pieces: Iterable[bytes | bytearray | memoryview], *, algorithm: str = DEFAULT_ALGORITHM
+) -> FileDigest:
+    """The digest of a file given as buffers in memory, before (or instead of) writing it."""
     hasher = StreamingDigest(algorithm=algorithm)
-    hasher.update(data)
+    for piece in pieces:
+        hasher.update(piece)
     return hasher.result()
 
 

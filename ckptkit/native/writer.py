@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from ckptkit.hashing import FileDigest, StreamingDigest
+from ckptkit.hashing import FileDigest, digest_pieces
 from ckptkit.native import jsonfmt
 from ckptkit.native.document import FLAT_SHARD_VERSION, FORMAT_NAME, PLAIN_VERSION
 from ckptkit.native.files import TREE_FILE
@@ -123,7 +123,8 @@ def _write_shards(
             # The bytes are in memory (the caller's tensors, or a save's staged copy): hashing
             # them first costs one pass at hashing speed, and a shard whose blob exists is never
             # written. All shards are placed at once: one pin for the save (ckptkit.blobs).
-            digests = list(pool.map(partial(_shard_digest, sink.digest), (e for _, e in shards)))
+            shard_digest = partial(_shard_digest, sink.digest)
+            digests = list(pool.map(shard_digest, (entries for _, entries in shards)))
             sink.dedup.reserve([d.digest for d in digests if d is not None])
         futures = [
             pool.submit(_write_shard, sink, path, entries, digest)
@@ -144,7 +145,4 @@ def _write_shard(sink: FileSink, path: str, entries: list[Entry], digest: FileDi
 
 
 def _shard_digest(algorithm: str, entries: list[Entry]) -> FileDigest:
-    hasher = StreamingDigest(algorithm=algorithm)
-    for piece in shard_chunks(entries):
-        hasher.update(piece)
-    return hasher.result()
+    return digest_pieces(shard_chunks(entries), algorithm=algorithm)

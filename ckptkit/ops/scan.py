@@ -22,11 +22,18 @@ from typing import Any
 
 from ckptkit.catalog import read_manifest
 from ckptkit.commit import files_of
-from ckptkit.errors import EXIT_FINDINGS, EXIT_OK, EXIT_UNSAFE, FormatError, ManifestError, NotFoundError
+from ckptkit.errors import (
+    EXIT_FINDINGS,
+    EXIT_OK,
+    EXIT_UNSAFE,
+    FormatError,
+    ManifestError,
+    NotCommittedError,
+    NotFoundError,
+)
 from ckptkit.formats import zipfile_reader as zr
 from ckptkit.formats.sniff import Detected, detect
 from ckptkit.formats.torchfile import MAX_PICKLE_BYTES, read_torch_file
-from ckptkit.manifest import MANIFEST_NAME
 from ckptkit.pickle import PickleFormatError, load_symbolic
 from ckptkit.pickle.policy import UNSAFE_CLASSES
 from ckptkit.pickle.values import GlobalUse
@@ -80,11 +87,9 @@ def scan_target(path: str | os.PathLike[str] | Store, **storage_options: Any) ->
 def _deduplicated_files(store: Store) -> Store | None:
     """A deduplicated checkpoint's files where they lie (its root's blob store): what a loader
     reads is what must be scanned, not what happens to sit in the directory."""
-    if not store.exists(MANIFEST_NAME):
-        return None
     try:
         manifest = read_manifest(store)
-    except ManifestError:
+    except (NotCommittedError, ManifestError):
         return None  # scanned as a directory, as any uncommitted one
     return files_of(store, manifest) if manifest.blob_store is not None else None
 
