@@ -230,16 +230,14 @@ def sweep(root: Store, *, stale_after: float = DEFAULT_STALE_AFTER, dry_run: boo
         report.skipped = "another gc holds the blob store's lock"
         return report
     try:
-        blobs, pins = {}, []
-        for info in store.list(""):
-            if info.key.startswith(PIN_DIR + "/"):
-                pins.append(info)
-            elif digest_of_key(info.key) is not None:
-                blobs[info.key] = info.size
-        # Pins after blobs, manifests after pins: the order the protocol's argument needs.
+        blobs = {i.key: i.size for i in store.list("") if digest_of_key(i.key) is not None}
+        # Pins after blobs, manifests after pins: the order the protocol's argument needs. The
+        # pins are listed again once the blob walk is done: that walk reaches directories in any
+        # order, and a save may pin and write a copy while it is under way (a copy it lists must
+        # have its pin in the listing that follows).
         pinned: set[str] = set()
         now = time.time()
-        for info in pins:
+        for info in store.list(PIN_DIR):
             if info.mtime is not None and now - info.mtime > stale_after:
                 report.stale_pins.append(info.key)
                 continue

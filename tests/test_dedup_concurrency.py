@@ -16,9 +16,10 @@ import pytest
 import ckptkit
 from ckptkit import blobs
 from ckptkit.blobs import BlobWriter, sweep
-from ckptkit.commit import delete_checkpoint, step_dir_name
+from ckptkit.commit import CheckpointTransaction, delete_checkpoint, step_dir_name
 from ckptkit.manifest import BLOB_DIR, blob_key
-from ckptkit.storage import open_store
+from ckptkit.ops.verify import verify_tree
+from ckptkit.storage import LocalStore, open_store
 from tests import dedup_worker
 from tests.dedup_worker import assert_clean_after_gc, assert_root_whole, blob_keys, state_for_step
 
@@ -135,3 +136,44 @@ def test_two_savers_and_a_deleting_sweeper_never_break_a_committed_checkpoint(
     assert survivors and survivors[-1] >= 2 * steps - 1
     assert_clean_after_gc(root)
     assert assert_root_whole(root) == survivors
+
+
+def test_a_copy_written_while_the_sweep_lists_is_spared(tmp_path, monkeypatch):
+    """A sweep lists the blob store in one walk: a save that pins, meets the lock and writes a
+    copy while that walk is under way must not lose the copy. Here the walk reaches the pins
+    before the save pins and the copy's directory after the save wrote it (the CI failure:
+    the copy was deleted, and the save's link to it failed)."""
+    root = tmp_path / "run"
+    _save(root, 1)
+    store = open_store(root)
+    blob_dir = str(root / BLOB_DIR)
+    walking, resume = threading.Event(), threading.Event()
+    original = LocalStore.list
+
+    def pins_first_then_pause(self, prefix=""):
+        if str(self.root) != blob_dir or prefix or not (root / BLOB_DIR / blobs.LOCK_NAME).exists():
+            yield from original(self, prefix)  # not the sweep's walk under its lock
+            return
+        listed = list(original(self, ""))
+        yield from (i for i in listed if i.key.startswith(blobs.PIN_DIR + "/"))
+        walking.set()  # the walk has passed the pins; the blobs' directories come next
+        assert resume.wait(WAIT)
+        yield from (i for i in original(self, "") if not i.key.startswith(blobs.PIN_DIR + "/"))
+
+    monkeypatch.setattr(LocalStore, "list", pins_first_then_pause)
+    reports: list[blobs.SweepReport] = []
+    sweeper = threading.Thread(target=lambda: reports.append(sweep(store)))
+    sweeper.start()
+    txn = CheckpointTransaction(store, step_dir_name(2), dedup=True)
+    try:
+        assert walking.wait(WAIT)
+        entry = txn.write("weights.bin", b"fresh bytes of a save in flight" * 1000)
+        assert entry.blob is None or "." in entry.blob  # the lock was seen: no canonical blob reused
+    finally:
+        resume.set()
+        sweeper.join(WAIT)
+    [report] = reports
+    written = [k for k in blob_keys(store) if k.startswith(blob_key(entry.digest))]
+    assert entry.blob is None or entry.blob in written, report.deleted
+    txn.commit(step=2, layout="files")
+    assert [r.status for r in verify_tree(store)] == ["ok", "ok"]
