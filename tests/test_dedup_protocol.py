@@ -363,3 +363,25 @@ def test_sync_delete_to_s3_releases_blobs_there(tmp_path: Path, s3_bucket: str) 
     only_deleted = (_blobs_of(manifests[1]) | _blobs_of(manifests[2])) - _blobs_of(manifests[3])
     assert set(report.blobs_released.deleted) == only_deleted
     assert assert_root_whole(dest) == [3]
+
+
+def test_gc_spares_a_save_in_flight_whose_files_are_links_to_old_blobs(tmp_path) -> None:
+    """On local disk a deduplicated save's staging directory holds hard links, which carry the
+    blob's mtime: a frozen base written hours ago makes every file look hours old. gc must age
+    the directory by when it was written into, not by its files' mtimes."""
+    root = tmp_path / "run"
+    store = open_store(root)
+    ckptkit.save(state_for_step(1), root / step_dir_name(1), step=1, dedup=True)
+    hours_ago = time.time() - 3 * 3600
+    for path in (root / BLOB_DIR).rglob("*"):
+        if path.is_file():
+            os.utime(path, (hours_ago, hours_ago))
+    from ckptkit.commit import CheckpointTransaction
+
+    base = next(e for e in read_manifest(store.child(step_dir_name(1))).files if e.size >= 1 << 20)
+    txn = CheckpointTransaction(store, step_dir_name(2), dedup=True)
+    txn.write(base.path, store.child(step_dir_name(1)).get(base.path))  # reuses the old blob
+    report = collect_garbage(store)  # default grace: an hour
+    assert report.removed == []
+    txn.commit(step=2, layout="files")
+    assert read_manifest(store.child(step_dir_name(2))).files[0].blob == base.blob

@@ -14,7 +14,9 @@ manifest and no live pin names them, never because a listing shows them alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -71,12 +73,20 @@ def _debris(prefix: str, reason: str, objects: list[ObjectInfo], now: float) -> 
     return Debris(prefix, reason, len(objects), sum(o.size for o in objects), max(0.0, now - newest))
 
 
-def _directory_age(root: Store, name: str, now: float) -> float:
+def _directory_age(root: Store, name: str, now: float) -> float | None:
+    """How long ago anything was last written into directory ``name`` or one below it, on
+    local disk (None elsewhere). A file's mtime does not say it: a hard link carries its
+    target's, and a deduplicated save's staging directory holds links to blobs written hours
+    ago."""
     path = root.local_path(name)
-    try:
-        return max(0.0, now - path.stat().st_mtime) if path is not None else 0.0
-    except FileNotFoundError:
-        return 0.0
+    if path is None:
+        return None
+    newest = None
+    for directory, _dirs, _files in os.walk(path):
+        with contextlib.suppress(FileNotFoundError):
+            mtime = os.stat(directory).st_mtime
+            newest = mtime if newest is None else max(newest, mtime)
+    return None if newest is None else max(0.0, now - newest)
 
 
 def _nameable(key: str) -> bool:
@@ -115,8 +125,9 @@ def find_debris(
             staging = STAGING_MARKER in top
             kind = "staging directory of an interrupted save" if staging else "checkpoint being deleted"
             item = _debris(top, kind, objects, now)
-            if not objects:
-                item = dataclasses.replace(item, age_seconds=_directory_age(root, top, now))
+            written = _directory_age(root, top, now)
+            if written is not None and (not objects or written < item.age_seconds):
+                item = dataclasses.replace(item, age_seconds=written)
             found.append(item)
             continue
         temps = [o for o in objects if o.key.rsplit("/", 1)[-1].startswith(TEMP_MARKER)]
